@@ -1,0 +1,223 @@
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import sft
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def ids(rows):
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def test_position_ids_frame():
+    got = sft.position_ids((1, 2), [(2, 1), (1, 1)], "frame")
+    want = ids([[0, 0, 0], [0, 0, 1],          # target 1x2
+                [1, 0, 0], [1, 1, 0],          # ref 1 (2x1), its own grid from (0, 0)
+                [2, 0, 0]])                    # ref 2 (1x1)
+    assert torch.equal(got, want)
+
+
+def test_position_ids_h_w_hw():
+    t, refs = (1, 2), [(2, 1), (1, 1)]
+    assert torch.equal(sft.position_ids(t, refs, "h"), ids(
+        [[0, 0, 0], [0, 0, 1], [1, 1, 0], [1, 2, 0], [1, 3, 0]]))   # rows shifted by 1, then 1+2
+    assert torch.equal(sft.position_ids(t, refs, "w"), ids(
+        [[0, 0, 0], [0, 0, 1], [1, 0, 2], [1, 1, 2], [1, 0, 3]]))   # cols shifted by 2, then 2+1
+    assert torch.equal(sft.position_ids(t, refs, "hw"), ids(
+        [[0, 0, 0], [0, 0, 1], [1, 1, 2], [1, 2, 2], [1, 3, 3]]))
+    with pytest.raises(ValueError, match="pe must be"):
+        sft.position_ids(t, refs, "diag")
+
+
+def test_one_reference_matches_kontext_pipeline(kontext):
+    """With one reference, our packing, ids and forward are exactly FluxKontextPipeline's."""
+    from diffusers import FluxKontextPipeline
+
+    m = kontext
+    pipe = FluxKontextPipeline(scheduler=m.scheduler, vae=m.vae, text_encoder=m.clip, tokenizer=m.clip_tok,
+                               text_encoder_2=m.t5, tokenizer_2=m.t5_tok, transformer=m.transformer)
+    g = torch.Generator().manual_seed(3)
+    image = torch.rand(1, 3, 64, 64, generator=g) * 2 - 1
+    lat, img_lat, lat_ids, img_ids = pipe.prepare_latents(image, 1, 16, 64, 64, torch.float32, "cpu",
+                                                          torch.Generator().manual_seed(0))
+    prompt_embeds, pooled, text_ids = pipe.encode_prompt("a circle and a square", None, max_sequence_length=16)
+    t = torch.tensor([0.7])
+    theirs = m.transformer(hidden_states=torch.cat([lat, img_lat], 1), timestep=t,
+                           guidance=torch.full([1], 2.5), pooled_projections=pooled,
+                           encoder_hidden_states=prompt_embeds, txt_ids=text_ids,
+                           img_ids=torch.cat([lat_ids, img_ids]), return_dict=False)[0][:, : lat.shape[1]]
+
+    refs = sft.pack(sft.encode_images(m, image))
+    assert torch.equal(refs, img_lat)
+    assert torch.equal(sft.position_ids((4, 4), [(4, 4)], "frame"), torch.cat([lat_ids, img_ids]))
+    t5, pooled2 = sft.encode_text(m, ["a circle and a square"], 16)
+    assert torch.equal(t5, prompt_embeds) and torch.equal(pooled2, pooled)
+    ours = sft.velocity(m, lat, refs, t, t5, pooled2, (4, 4), [(4, 4)], "frame", 2.5)
+    assert torch.allclose(ours, theirs, atol=1e-6, rtol=0)
+
+
+def test_pack_roundtrip():
+    x = torch.randn(2, 16, 8, 6)
+    assert torch.equal(sft.unpack(sft.pack(x), 8, 6), x)
+
+
+def test_sampler_same_seed_same_images(kontext):
+    from PIL import Image
+
+    refs = [[Image.new("RGB", (64, 64), (200, 30, 30)), Image.new("RGB", (48, 80), (30, 30, 200))]]
+    a = sft.generate(kontext, ["the circle and the square"], refs, 64, 64, steps=3, seed=5, max_text_len=16)
+    b = sft.generate(kontext, ["the circle and the square"], refs, 64, 64, steps=3, seed=5, max_text_len=16)
+    c = sft.generate(kontext, ["the circle and the square"], refs, 64, 64, steps=3, seed=6, max_text_len=16)
+    assert a[0].size == (64, 64)
+    assert a[0].tobytes() == b[0].tobytes()
+    assert a[0].tobytes() != c[0].tobytes()
+
+
+def test_sampling_sigmas_match_scheduler_shift(kontext):
+    sig = sft.sampling_sigmas(kontext, 28, 1024)
+    assert len(sig) == 29 and sig[0] == 1.0 and sig[-1] == 0.0
+    assert torch.all(sig[1:] < sig[:-1])
+    # mu(1024) = 0.5 + (1.15 - 0.5) * (1024 - 256) / (4096 - 256); sigma' = e^mu / (e^mu + 1/s - 1)
+    mu = 0.5 + 0.65 * 768 / 3840
+    s = 1 - 1 / 28
+    assert abs(sig[1].item() - torch.exp(torch.tensor(mu)) / (torch.exp(torch.tensor(mu)) + 1 / s - 1)) < 1e-5
+
+
+def test_loss_falls_on_one_fixed_batch(kontext, tiny_data):
+    cfg = sft.parse_config(sft.Config, "sft", ["--preset", "tiny"])
+    samples, cache = sft.load_dataset(kontext, tiny_data, 64, 16)
+    batch = [s for s in samples if len(s["subjects"]) == 2][:2]
+    tr = kontext.transformer
+    params = sft.add_lora(tr, 8, 8, seed=0, name="overfit")
+    tr.set_adapter("overfit")
+    opt = torch.optim.AdamW(params, lr=3e-3)
+    losses = []
+    try:
+        for _ in range(60):
+            loss = sft.flow_loss(kontext, tr, batch, 2, cache, cfg, step=0, device="cpu")
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    finally:
+        tr.delete_adapters("overfit")
+        tr.requires_grad_(False)
+    assert losses[-1] < 0.6 * losses[0], losses[::10]
+
+
+def run_sft(tmp, data, tiny_dir, out, *extra):
+    cmd = [sys.executable, str(ROOT / "sft.py"), "--preset", "tiny", "--data", str(data), "--out", str(out),
+           "--tiny_dir", tiny_dir, "--steps", "8", "--ckpt_every", "3", "--sample_every", "0",
+           "--log_every", "1", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
+
+
+def test_killed_run_resumes_to_same_lora(tmp_path, tiny_data, tiny_dir):
+    straight = run_sft(tmp_path, tiny_data, tiny_dir, tmp_path / "a")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    killed = run_sft(tmp_path, tiny_data, tiny_dir, tmp_path / "b", "--die_at_step", "5")
+    assert killed.returncode != 0  # SIGKILLed after step 5, last checkpoint at step 3
+    assert not (tmp_path / "b" / "lora").exists()
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["step"] == 3
+    resumed = run_sft(tmp_path, tiny_data, tiny_dir, tmp_path / "b")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout
+    a = load_file(tmp_path / "a" / "lora" / "pytorch_lora_weights.safetensors")
+    b = load_file(tmp_path / "b" / "lora" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
+
+
+def test_saved_lora_loads_through_diffusers(tmp_path, tiny_data, tiny_dir, kontext):
+    """The final LoRA is what diffusers' FluxKontextPipeline.load_lora_weights accepts."""
+    from diffusers import FluxKontextPipeline
+
+    res = run_sft(tmp_path, tiny_data, tiny_dir, tmp_path / "r")
+    assert res.returncode == 0, res.stderr[-2000:]
+    m = sft.load_kontext("tiny", "cpu", torch.float32, tiny_dir)
+    pipe = FluxKontextPipeline(scheduler=m.scheduler, vae=m.vae, text_encoder=m.clip, tokenizer=m.clip_tok,
+                               text_encoder_2=m.t5, tokenizer_2=m.t5_tok, transformer=m.transformer)
+    x = torch.randn(1, 16, 64)
+    t5, pooled = sft.encode_text(m, ["a star"], 16)
+    before = sft.velocity(m, x, x, torch.tensor([0.5]), t5, pooled, (4, 4), [(4, 4)])
+    pipe.load_lora_weights(str(tmp_path / "r" / "lora"))
+    after = sft.velocity(m, x, x, torch.tensor([0.5]), t5, pooled, (4, 4), [(4, 4)])
+    assert not torch.allclose(before, after)
+
+
+def copy_data(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_reference_is_named(tmp_path, tiny_data, kontext):
+    data = copy_data(tiny_data, tmp_path / "d")
+    shutil.rmtree(data / "cache")
+    s = sft.load_samples(data)[1]
+    (data / s["subjects"][1]["ref"]).unlink()
+    with pytest.raises(ValueError, match=f"sample {s['id']}: image .*{s['subjects'][1]['ref']} is missing"):
+        sft.load_dataset(kontext, data, 64, 16)
+
+
+def test_corrupt_reference_is_named(tmp_path, tiny_data, kontext):
+    data = copy_data(tiny_data, tmp_path / "d")
+    shutil.rmtree(data / "cache")
+    s = sft.load_samples(data)[2]
+    (data / s["subjects"][0]["ref"]).write_bytes(b"\x89PNG not really")
+    with pytest.raises(ValueError, match=f"sample {s['id']}: image .* is unreadable"):
+        sft.load_dataset(kontext, data, 64, 16)
+
+
+def test_one_subject_sample_is_rejected(tmp_path, tiny_data):
+    data = copy_data(tiny_data, tmp_path / "d")
+    rows = sft.read_jsonl(data / "samples.jsonl")
+    rows[3]["subjects"] = rows[3]["subjects"][:1]
+    (data / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=f"sample {rows[3]['id']} has 1 subject"):
+        sft.load_samples(data)
+
+
+def test_cache_not_matching_samples_is_named(tmp_path, tiny_data, kontext):
+    data = copy_data(tiny_data, tmp_path / "d")
+    rows = sft.read_jsonl(data / "samples.jsonl")
+    extra = dict(rows[0], id="attribute-9999999")
+    with open(data / "samples.jsonl", "a") as f:
+        f.write(json.dumps(extra) + "\n")
+    samples = sft.load_samples(data)
+    with pytest.raises(ValueError, match="no entry for sample attribute-9999999"):
+        sft.LatentCache(data, samples, kontext, 64, 16)
+    manifest = json.loads((data / "cache" / "manifest.json").read_text())
+    manifest["resolution"] = 512
+    (data / "cache" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="made with other settings"):
+        sft.LatentCache(data, samples[:-1], kontext, 64, 16)
+
+
+def test_config_preset_and_overrides():
+    cfg = sft.parse_config(sft.Config, "sft", ["--preset", "tiny", "--lr", "3e-5", "--ref_probs", "1,0,0"])
+    assert cfg.model == "tiny" and cfg.resolution == 64 and cfg.lr == 3e-5 and cfg.ref_probs == (1.0, 0.0, 0.0)
+    assert sft.Config().lora_rank == 512 and sft.Config().lr == 1e-4  # the paper's values by default
+    with pytest.raises(SystemExit, match="unknown knob --lrr"):
+        sft.parse_config(sft.Config, "sft", ["--lrr", "1"])
+
+
+def test_draw_batch_reference_mix():
+    samples = [{"id": str(i), "subjects": [0] * n} for i, n in enumerate([2] * 10 + [3] * 5 + [4] * 5)]
+    counts = {2: 0, 3: 0, 4: 0}
+    for step in range(2000):
+        n, batch = sft.draw_batch(samples, step, 2, (0.9, 0.05, 0.05), seed=0)
+        assert all(len(s["subjects"]) == n for s in batch)
+        counts[n] += 1
+    assert 1700 < counts[2] < 1900 and 50 < counts[3] < 150 and 50 < counts[4] < 150
+    assert sft.draw_batch(samples, 7, 2, (0.9, 0.05, 0.05), 0) == sft.draw_batch(samples, 7, 2, (0.9, 0.05, 0.05), 0)
