@@ -663,11 +663,18 @@ class LatentCache:
                                  f"rerun make_data.py (or delete the cache to rebuild it)")
         self._open = safe_open
 
-    def get(self, sample, n_refs):
+    def _handle(self, sample):
         shard = self.where[sample["id"]]
         if shard not in self.handles:
             self.handles[shard] = self._open(str(self.dir / shard), framework="pt")
-        f, sid = self.handles[shard], sample["id"]
+        return self.handles[shard], shard
+
+    def target_shape(self, sample):
+        return tuple(self._handle(sample)[0].get_slice(f"{sample['id']}/target").get_shape())
+
+    def get(self, sample, n_refs):
+        f, shard = self._handle(sample)
+        sid = sample["id"]
         try:
             return (f.get_tensor(f"{sid}/target"), [f.get_tensor(f"{sid}/ref{k}") for k in range(n_refs)],
                     f.get_tensor(f"{sid}/t5"), f.get_tensor(f"{sid}/clip"))
@@ -713,12 +720,18 @@ def shift_sigmas(u, seq_len, m):
 def flow_loss(m, transformer, batch, n_refs, cache, cfg, step, device):
     """Rectified-flow loss: x_t = (1-s) x0 + s eps, predict eps - x0, on target tokens only.
 
-    Samples whose latent shapes differ are run as separate groups; the loss is the batch mean.
+    `batch` is the global batch; this rank computes the mean loss over its share. Samples whose
+    latent shapes differ run as separate groups.
     """
     g = torch.Generator().manual_seed(cfg.seed * 7_919 + step)
-    items = [cache.get(s, n_refs) for s in batch]
-    eps = [torch.randn(it[0].shape, generator=g) for it in items]
-    u = torch.rand(len(items), generator=g).clamp(1e-4, 1 - 1e-4)
+    # Noise for the whole global batch from one generator; this rank keeps its share, so any number
+    # of ranks sees the same (sample, noise, sigma) triples as one process.
+    mine = list(range(len(batch)))[rank():: world()]
+    items = [cache.get(batch[j], n_refs) for j in mine]
+    eps_all = [torch.randn(cache.target_shape(s), generator=g) for s in batch]
+    u_all = torch.rand(len(batch), generator=g).clamp(1e-4, 1 - 1e-4)
+    eps = [eps_all[j] for j in mine]
+    u = u_all[mine]
     groups = {}
     for j, it in enumerate(items):
         groups.setdefault((tuple(it[0].shape),) + tuple(tuple(r.shape) for r in it[1]), []).append(j)
@@ -892,8 +905,7 @@ def train(cfg):
     for step in bar:
         t0 = time.time()
         n, batch = draw_batch(samples, step, cfg.batch_size, cfg.ref_probs, cfg.seed)
-        mine = batch[rank():: world()]
-        loss = flow_loss(m, model, mine, n, cache, cfg, step * world() + rank(), device)
+        loss = flow_loss(m, model, batch, n, cache, cfg, step, device)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)

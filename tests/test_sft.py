@@ -221,3 +221,20 @@ def test_draw_batch_reference_mix():
         counts[n] += 1
     assert 1700 < counts[2] < 1900 and 50 < counts[3] < 150 and 50 < counts[4] < 150
     assert sft.draw_batch(samples, 7, 2, (0.9, 0.05, 0.05), 0) == sft.draw_batch(samples, 7, 2, (0.9, 0.05, 0.05), 0)
+
+
+def test_torchrun_two_ranks_match_one_process(tmp_path, tiny_data, tiny_dir):
+    """DDP over 2 gloo ranks with the same global batch ends at the single-process LoRA."""
+    one = run_sft(tmp_path, tiny_data, tiny_dir, tmp_path / "one")
+    assert one.returncode == 0, one.stderr[-2000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "sft.py"),
+           "--preset", "tiny", "--data", str(tiny_data), "--out", str(tmp_path / "two"), "--tiny_dir", tiny_dir,
+           "--steps", "8", "--ckpt_every", "3", "--sample_every", "0", "--device", "cpu"]
+    two = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = load_file(tmp_path / "one" / "lora" / "pytorch_lora_weights.safetensors")
+    b = load_file(tmp_path / "two" / "lora" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-4, rtol=0), (k, (a[k] - b[k]).abs().max())
+    assert any(not torch.equal(a[k], torch.zeros_like(a[k])) for k in a if "lora_B" in k)  # it trained
