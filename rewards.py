@@ -267,21 +267,50 @@ def dino_preprocess(images):
 
 
 class DinoEmbedder:
-    def __init__(self, name="facebook/dino-vits16", device="cpu", tiny_dir="tiny-models"):
+    """fast=True (CUDA) crops, resizes and normalizes every region in one Triton launch
+    (kernels/reward_ops.py) instead of the PIL loop; its bicubic is PyTorch's, not PIL's, so the
+    benchmark keeps the PIL path for numbers comparable with the official scoring."""
+
+    def __init__(self, name="facebook/dino-vits16", device="cpu", tiny_dir="tiny-models", fast=False):
         from transformers import ViTModel
 
         path = tiny_path("dino", tiny_dir) if name == "tiny" else name
         self.model = ViTModel.from_pretrained(path, add_pooling_layer=False).to(device).eval()
-        self.device = device
+        self.device, self.fast = device, fast and torch.device(device).type == "cuda"
 
     @torch.no_grad()
-    def __call__(self, images, batch_size=64):
+    def features(self, pixels, batch_size=64):
+        feats = [self.model(pixel_values=pixels[i: i + batch_size].to(self.device, self.model.dtype))
+                 .last_hidden_state[:, 0].float() for i in range(0, len(pixels), batch_size)]
+        return F.normalize(torch.cat(feats), dim=-1).cpu()
+
+    def __call__(self, images):
         """PIL images -> L2-normalized CLS features [B, D]."""
-        feats = []
-        for i in range(0, len(images), batch_size):
-            x = dino_preprocess(images[i: i + batch_size]).to(self.device)
-            feats.append(self.model(pixel_values=x).last_hidden_state[:, 0].float())
-        return F.normalize(torch.cat(feats), dim=-1).cpu() if feats else torch.zeros(0, 1)
+        if not images:
+            return torch.zeros(0, self.model.config.hidden_size)
+        return self.features(dino_preprocess(images))
+
+    def regions(self, pairs):
+        """(PIL image, box or None) pairs -> features of each region (None: the whole image)."""
+        if not pairs:
+            return torch.zeros(0, self.model.config.hidden_size)
+        if not self.fast:
+            return self([crop(im, box) if box is not None else im for im, box in pairs])
+        from kernels.reward_ops import crop_resize_normalize, int_boxes
+
+        uniq = list(dict.fromkeys(id(im) for im, _ in pairs))
+        first = {id(im): im for im, _ in pairs}
+        by_size = {}
+        for u in uniq:
+            by_size.setdefault(first[u].size, []).append(u)
+        feats = torch.zeros(len(pairs), self.model.config.hidden_size)
+        for size, ids in by_size.items():
+            stack = torch.stack([torch.from_numpy(np.asarray(first[u].convert("RGB"))) for u in ids]).to(self.device)
+            rows = [j for j, (im, _) in enumerate(pairs) if im.size == size]
+            index = torch.tensor([ids.index(id(pairs[j][0])) for j in rows], device=self.device)
+            boxes = int_boxes([pairs[j][1] or (0, 0, *size) for j in rows], [size] * len(rows))
+            feats[rows] = self.features(crop_resize_normalize(stack, index, boxes))
+        return feats
 
 
 def crop(image, box):
@@ -306,11 +335,11 @@ def reference_features(refs, categories, detector, embed):
     for r, c in flat:
         first.setdefault((id(r), c), r)
     dets = detector([first[u] for u in unique], [[u[1]] for u in unique]) if unique else []
-    crops = []
+    regions = []
     for u, det in zip(unique, dets):
         boxes = det.get(u[1], [])
-        crops.append(crop(first[u], boxes[0][0]) if boxes else first[u])
-    feats = embed(crops) if crops else torch.zeros(0, 1)
+        regions.append((first[u], boxes[0][0] if boxes else None))
+    feats = embed.regions(regions)
     row = {u: i for i, u in enumerate(unique)}
     return feats[[row[(id(r), c)] for r, c in flat]] if flat else feats
 
@@ -356,14 +385,14 @@ def psr_reward(images, refs, categories, detector, embed, mode="strict", batch_s
                 j = seen.get(key, 0)
                 seen[key] = j + 1
                 boxes = det.get(key, [])
-                gen_crops.append(crop(im, boxes[j][0]) if j < len(boxes) else im)
+                gen_crops.append((im, boxes[j][0] if j < len(boxes) else None))
                 owner.append((i, k, j))
         else:
             for key in dict.fromkeys(c.strip().lower() for c in cats):
                 for j, (box, _) in enumerate(det.get(key, [])):
-                    gen_crops.append(crop(im, box))
+                    gen_crops.append((im, box))
                     owner.append((i, key, j))
-    gen_feats = embed(gen_crops) if gen_crops else torch.zeros(0, ref_feats.shape[-1])
+    gen_feats = embed.regions(gen_crops)
     scores, per_subject, found = [], [], []
     r0 = 0
     for i, cats in enumerate(categories):
