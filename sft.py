@@ -368,6 +368,39 @@ def load_kontext(name, device="cpu", dtype=torch.float32, tiny_dir="tiny-models"
     return m
 
 
+KONTEXT_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                          num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                          guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+KONTEXT_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+                   down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                   layers_per_block=2, norm_num_groups=32, use_quant_conv=False, use_post_quant_conv=False,
+                   scaling_factor=0.3611, shift_factor=0.1159)
+
+
+def random_kontext(device, dtype=torch.bfloat16, layers=19, single_layers=38, heads=24, seed=0):
+    """--random-init: the real FLUX.1 Kontext architecture (or a narrower, shallower one) with random
+    weights, built directly on `device` in `dtype`, so a step costs what the real one costs. The text
+    encoders are left out: callers feed random embeddings of T5's [512, 4096] and CLIP's [768] shapes."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # parameters are created in dtype: no fp32 copy of 12B weights
+    try:
+        with torch.device(device):
+            transformer = FluxTransformer2DModel(**{**KONTEXT_TRANSFORMER, "num_layers": layers,
+                                                    "num_single_layers": single_layers, "num_attention_heads": heads})
+            vae = AutoencoderKL(**KONTEXT_VAE)
+    finally:
+        torch.set_default_dtype(old)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    for module in (transformer, vae):
+        module.eval().requires_grad_(False)
+    return Kontext(transformer=transformer, vae=vae, clip=None, clip_tok=None, t5=None, t5_tok=None,
+                   scheduler=scheduler, path="random-init", device=torch.device(device), dtype=dtype)
+
+
 def model_dtype(device):
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
@@ -739,20 +772,26 @@ def flow_loss(m, transformer, batch, n_refs, cache, cfg, step, device):
     for key, idx in groups.items():
         x0 = torch.stack([items[j][0] for j in idx]).float().to(device)
         noise = torch.stack([eps[j] for j in idx]).to(device)
-        lh, lw = x0.shape[2:]
-        x0p, noisep = pack(x0), pack(noise)
-        sig = torch.tensor([shift_sigmas(u[j].item(), x0p.shape[1], m) for j in idx], device=device)
-        x_t = (1 - sig[:, None, None]) * x0p + sig[:, None, None] * noisep
         refs = [torch.stack([items[j][1][k] for j in idx]).to(device) for k in range(n_refs)]
-        ref_tok = torch.cat([pack(r) for r in refs], 1).to(m.dtype)
-        hws = [(r.shape[2] // 2, r.shape[3] // 2) for r in refs]
         t5 = torch.stack([items[j][2] for j in idx]).to(device, m.dtype)
         pooled = torch.stack([items[j][3] for j in idx]).to(device, m.dtype)
-        with autocast(device):
-            v = velocity(m, x_t.to(m.dtype), ref_tok, sig, t5, pooled, (lh // 2, lw // 2), hws, cfg.pe,
-                         cfg.guidance, transformer)
-        total = total + F.mse_loss(v.float(), noisep - x0p, reduction="sum") / x0p[0].numel()
+        total = total + len(idx) * group_loss(m, transformer, x0, noise, u[idx], refs, t5, pooled, cfg)
     return total / len(items)
+
+
+def group_loss(m, transformer, x0, noise, u, refs, t5, pooled, cfg):
+    """Mean flow-matching loss of samples of one shape: x0, noise [B,C,H,W]; u [B] uniform draws;
+    refs: list of [B,C,h,w] reference latents; t5, pooled: text embeddings."""
+    lh, lw = x0.shape[2:]
+    x0p, noisep = pack(x0), pack(noise)
+    sig = torch.tensor([shift_sigmas(float(v), x0p.shape[1], m) for v in u], device=x0.device)
+    x_t = (1 - sig[:, None, None]) * x0p + sig[:, None, None] * noisep
+    ref_tok = torch.cat([pack(r) for r in refs], 1).to(m.dtype)
+    hws = [(r.shape[2] // 2, r.shape[3] // 2) for r in refs]
+    with autocast(x0.device):
+        v = velocity(m, x_t.to(m.dtype), ref_tok, sig, t5, pooled, (lh // 2, lw // 2), hws, cfg.pe,
+                     cfg.guidance, transformer)
+    return F.mse_loss(v.float(), noisep - x0p)
 
 
 def autocast(device):
@@ -773,9 +812,9 @@ def add_lora(transformer, rank_, alpha, seed=0, name="default"):
 
     torch.manual_seed(seed)  # peft's init draws from the global RNG; pin it for reproducible runs
     # Exclude the final proj_out of the model (it maps to the 64 latent channels, not a block).
-    targets = [n for n, mod in transformer.named_modules()
-               if isinstance(mod, torch.nn.Linear) and any(n.endswith(t) for t in LORA_TARGETS)
-               and n != "proj_out"]
+    # A module that already carries an adapter is wrapped: its Linear is then `<name>.base_layer`.
+    names = [n.removesuffix(".base_layer") for n, mod in transformer.named_modules() if isinstance(mod, torch.nn.Linear)]
+    targets = [n for n in dict.fromkeys(names) if any(n.endswith(t) for t in LORA_TARGETS) and n != "proj_out"]
     transformer.add_adapter(LoraConfig(r=rank_, lora_alpha=alpha, init_lora_weights="gaussian",
                                        target_modules=targets), adapter_name=name)
     params = [p for n, p in transformer.named_parameters() if "lora_" in n and f".{name}." in n]
@@ -808,7 +847,12 @@ def save_lora(transformer, folder, name="default"):
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    FluxKontextPipeline.save_lora_weights(tmp, transformer_lora_layers=lora_state(transformer, name))
+    # The adapter config (rank, alpha, targets) travels in the file's metadata, so that loading
+    # restores the same scaling alpha/rank instead of assuming alpha == rank.
+    meta = transformer.peft_config[name].to_dict()
+    meta = {k: (sorted(v) if isinstance(v, set) else v) for k, v in meta.items()}
+    FluxKontextPipeline.save_lora_weights(tmp, transformer_lora_layers=lora_state(transformer, name),
+                                          transformer_lora_adapter_metadata=meta)
     if folder.exists():
         shutil.rmtree(folder)
     os.rename(tmp, folder)
@@ -818,9 +862,10 @@ def load_lora_into(transformer, folder, fuse=False, name="sft"):
     """Loads a saved LoRA folder through diffusers' own loader; optionally fuses it into the base."""
     from diffusers import FluxKontextPipeline
 
-    state = FluxKontextPipeline.lora_state_dict(str(folder))
-    state = state[0] if isinstance(state, tuple) else state
-    FluxKontextPipeline.load_lora_into_transformer(state, transformer=transformer, adapter_name=name)
+    state, alphas, meta = FluxKontextPipeline.lora_state_dict(str(folder), return_alphas=True,
+                                                              return_lora_metadata=True)
+    FluxKontextPipeline.load_lora_into_transformer(state, network_alphas=alphas, transformer=transformer,
+                                                   adapter_name=name, metadata=meta)
     if fuse:
         transformer.fuse_lora(adapter_names=[name])
         transformer.unload_lora() if hasattr(transformer, "unload_lora") else None
@@ -945,6 +990,9 @@ def train(cfg):
 def use_kernels(transformer, kind):
     """`triton` swaps every attention processor for the fused RoPE flash attention of kernels/."""
     if kind == "torch":
+        from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+        transformer.set_attn_processor(FluxAttnProcessor())
         return
     if kind != "triton":
         raise SystemExit(f"--kernels must be torch or triton, got {kind!r}")

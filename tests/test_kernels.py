@@ -20,7 +20,9 @@ needs_triton = pytest.mark.skipif(DEVICE is None or A.triton is None,
 cuda = pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs CUDA (compiled kernels)")
 
 # max |error| allowed against the fp32 reference, per dtype (forward, gradients)
-TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 4e-3), torch.bfloat16: (1.6e-2, 3e-2)}
+# (fp32 on a GPU runs its dots in tf32, hence the looser bound there)
+TOL = {torch.float32: (1e-5, 1e-5) if INTERPRET else (5e-3, 1e-2), torch.float16: (2e-3, 4e-3),
+       torch.bfloat16: (1.6e-2, 3e-2)}
 
 
 def rope_tables(n_text, target_hw, ref_hws, axes=(8, 28, 28)):
@@ -72,21 +74,20 @@ def test_reference_rope_is_diffusers_rope():
 
 
 @needs_triton
-def test_transformer_with_triton_processor_equals_torch(kontext):
-    m = kontext
-    tr = m.transformer
-    x = torch.randn(1, 16, 64)
-    refs = torch.randn(1, 32, 64)
+def test_transformer_with_triton_processor_equals_torch(tiny_dir):
+    m = sft.load_kontext("tiny", DEVICE, torch.float32, tiny_dir)
+    g = torch.Generator().manual_seed(0)
+    x, refs = torch.randn(1, 16, 64, generator=g).to(DEVICE), torch.randn(1, 32, 64, generator=g).to(DEVICE)
     t5, pooled = sft.encode_text(m, ["the star and the ring"], 16)
-    want = sft.velocity(m, x, refs, torch.tensor([0.6]), t5, pooled, (4, 4), [(4, 4), (4, 4)])
-    procs = tr.attn_processors
-    try:
-        sft.use_kernels(tr, "triton")
-        got = sft.velocity(m, x.to(DEVICE), refs.to(DEVICE), torch.tensor([0.6]), t5, pooled, (4, 4),
-                           [(4, 4), (4, 4)])
-    finally:
-        tr.set_attn_processor(procs)
-    assert (got - want).abs().max().item() < 1e-4
+    sig = torch.tensor([0.6], device=DEVICE)
+    want = sft.velocity(m, x, refs, sig, t5, pooled, (4, 4), [(4, 4), (4, 4)])
+    sft.use_kernels(m.transformer, "triton")
+    got = sft.velocity(m, x, refs, sig, t5, pooled, (4, 4), [(4, 4), (4, 4)])
+    sft.use_kernels(m.transformer, "torch")
+    again = sft.velocity(m, x, refs, sig, t5, pooled, (4, 4), [(4, 4), (4, 4)])
+    assert torch.equal(again, want)  # switching back restores diffusers' own processor
+    tol = 1e-4 if INTERPRET else 2e-2 * want.abs().max().item()  # tf32 dots on a GPU
+    assert (got - want).abs().max().item() < tol
 
 
 @needs_triton
