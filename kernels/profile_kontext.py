@@ -214,68 +214,71 @@ def main():
     ap.add_argument("--out", default="profile.json")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--small", action="store_true", help="narrow, shallow model, 128px: a CPU check of the script")
-    ap.add_argument("--kernels", default="torch,triton")
+    ap.add_argument("--phases", default="sft,rl,rewards")
+    ap.add_argument("--kernels", default="torch,triton", help="attention for the SFT steps")
+    ap.add_argument("--sft-refs", default="2,3,4")
+    ap.add_argument("--sft-rank", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--rl-kernels", default="", help="attention for the RL iteration (default: last of --kernels)")
+    ap.add_argument("--rl-kernels", default="triton", help="attention for the RL iteration")
     ap.add_argument("--update-steps", type=int, default=0, help="time the update on this many steps and scale")
-    ap.add_argument("--skip-rewards", action="store_true")
     args = ap.parse_args()
     small = args.small
     res = 128 if small else 512
     args.text_len = 16 if small else 512
     args.group, args.rl_steps = (2, 3) if small else (6, 28)
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
-    results = {"device": torch.cuda.get_device_name() if args.device != "cpu" else "cpu", "rows": []}
+    phases = args.phases.split(",")
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.exists() else {"rows": []}
+    results["device"] = torch.cuda.get_device_name() if args.device != "cpu" else "cpu"
 
     def record(row):
         results["rows"].append(row)
         print(json.dumps(row), flush=True)
-        Path(args.out).write_text(json.dumps(results, indent=1))
+        out.write_text(json.dumps(results, indent=1))
 
-    t0 = time.time()
-    dims = dict(layers=1, single_layers=1, heads=2) if small else {}
-    m = sft.random_kontext(args.device, dtype, **dims)
-    n_params = sum(p.numel() for p in m.transformer.parameters())
-    record({"phase": "build", "seconds": time.time() - t0, "transformer_params": n_params, "peak_gb": peak_gb(args.device)})
-    kernels = [k for k in args.kernels.split(",") if k]
-    # SFT: LoRA rank 512 on the paper's targets, gradient checkpointing on
-    sft.add_lora(m.transformer, 512 if not small else 8, 512 if not small else 8, name="sft")
-    m.transformer.set_adapter("sft")
-    m.transformer.enable_gradient_checkpointing()
-    m.transformer.train()
-    for n_refs in (2, 3, 4):
-        for k in kernels:
-            try:
-                record(profile_sft(m, n_refs, res, args, k))
-            except Exception as e:  # out of memory, or a kernel that fails here: reported, the rest goes on
-                record({"phase": f"sft-{n_refs}", "kernels": k, "error": f"{type(e).__name__}: {str(e)[:300]}"})
-                if args.device != "cpu":
-                    torch.cuda.empty_cache()
-    m.transformer.delete_adapters("sft")
-    # RL: a fresh rank-64 LoRA (the SFT one would be fused into the base first; random weights here)
-    params = sft.add_lora(m.transformer, 64 if not small else 4, 128 if not small else 8, name="rl")
-    m.transformer.set_adapter("rl")
-    opt = torch.optim.AdamW(params, lr=1e-5)
-    rl_kernels = args.rl_kernels or kernels[-1]
-    try:
-        row = profile_rl(m, res, args, rl_kernels, params, opt)
-        record(row)
-    except Exception as e:
-        record({"phase": "rl", "kernels": rl_kernels, "error": f"{type(e).__name__}: {str(e)[:300]}"})
-    if not args.skip_rewards:
-        del m, opt, params
-        if args.device != "cpu":
-            torch.cuda.empty_cache()
+    m = None
+    if "sft" in phases or "rl" in phases:
+        t0 = time.time()
+        dims = dict(layers=1, single_layers=1, heads=2) if small else {}
+        m = sft.random_kontext(args.device, dtype, **dims)
+        m.transformer.enable_gradient_checkpointing()
+        m.transformer.train()
+        record({"phase": "build", "seconds": time.time() - t0, "peak_gb": peak_gb(args.device),
+                "transformer_params": sum(p.numel() for p in m.transformer.parameters())})
+    if "sft" in phases:  # LoRA rank 512 on the paper's targets, gradient checkpointing on
+        rank_ = args.sft_rank if not small else 8
+        sft.add_lora(m.transformer, rank_, rank_, name="sft")
+        m.transformer.set_adapter("sft")
+        for n_refs in [int(n) for n in args.sft_refs.split(",")]:
+            for k in [k for k in args.kernels.split(",") if k]:
+                try:
+                    record({**profile_sft(m, n_refs, res, args, k), "lora_rank": rank_})
+                except Exception as e:  # reported; a CUDA fault ends the process, so phases run apart
+                    record({"phase": f"sft-{n_refs}", "kernels": k, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+                    raise
+        m.transformer.delete_adapters("sft")
+    if "rl" in phases:  # a fresh rank-64 LoRA (in a real run the SFT LoRA is fused into the base first)
+        params = sft.add_lora(m.transformer, 64 if not small else 4, 128 if not small else 8, name="rl")
+        m.transformer.set_adapter("rl")
+        opt = torch.optim.AdamW(params, lr=1e-5)
         try:
-            from PIL import Image
+            record(profile_rl(m, res, args, args.rl_kernels, params, opt))
+        except Exception as e:
+            record({"phase": "rl", "kernels": args.rl_kernels, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            raise
+    if "rewards" in phases:
+        from PIL import Image
 
+        try:
             t0 = time.time()
             mix = random_reward_models(args.device, small)
             record({"phase": "reward-build", "seconds": time.time() - t0})
             images = [Image.new("RGB", (res, res), (40 * i, 90, 160)) for i in range(args.group)]
             record(profile_rewards(mix, images, args.device))
-        except Exception as e:  # reported, not fatal: the transformer numbers above stand
+        except Exception as e:
             record({"phase": "rewards", "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            raise
 
 
 if __name__ == "__main__":

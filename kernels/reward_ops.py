@@ -127,12 +127,13 @@ if triton is not None:
         g = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         m = offs < N
-        r = tl.load(R + offs, mask=m, other=0.0)
+        # fp64 sums: a group of equal rewards must give exactly 0, not rounding noise / eps
+        r = tl.load(R + offs, mask=m, other=0.0).to(tl.float64)
         mine = m & (tl.load(G + offs, mask=m, other=-1) == g)
-        n = tl.sum(mine.to(tl.float32), 0)
+        n = tl.sum(mine.to(tl.float64), 0)
         mean = tl.sum(tl.where(mine, r, 0.0), 0) / n
         var = tl.sum(tl.where(mine, (r - mean) * (r - mean), 0.0), 0) / n
-        adv = (r - mean) / (tl.sqrt(var) + eps)
+        adv = ((r - mean) / (tl.sqrt(var) + eps)).to(tl.float32)
         adv = tl.minimum(tl.maximum(adv, -clip), clip)
         tl.store(OUT + offs, adv, mask=mine)
 
