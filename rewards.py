@@ -219,6 +219,7 @@ class Detector:
         texts = [". ".join(lab) + "." for lab in labels]
         inputs = self.processor(images=[im.convert("RGB") for im in images], text=texts, return_tensors="pt",
                                 padding=True).to(self.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         offsets = self.processor.tokenizer(texts, return_offsets_mapping=True, padding=True)["offset_mapping"]
         outputs = self.model(**inputs)
         probs = outputs.logits.sigmoid().float().cpu()                      # [B, queries, text tokens]

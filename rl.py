@@ -104,8 +104,10 @@ def sde_step(x, v, sigma, sigma_next, noise_level=0.7, prev_sample=None, generat
 
 
 def gaussian_logprob(x, mean, scale):
-    """Mean over non-batch dims of log N(x; mean, scale^2); one Triton pass on CUDA."""
-    if x.is_cuda and os.environ.get("PSR_NO_TRITON") != "1":
+    """Mean over non-batch dims of log N(x; mean, scale^2); one Triton pass on CUDA when no gradient
+    is needed (rollouts). The update differentiates through `mean`, so it takes the torch path."""
+    needs_grad = torch.is_grad_enabled() and (mean.requires_grad or x.requires_grad)
+    if x.is_cuda and not needs_grad and os.environ.get("PSR_NO_TRITON") != "1":
         from kernels.reward_ops import gaussian_logprob_mean
 
         return gaussian_logprob_mean(x, mean, torch.full((x.shape[0],), scale, device=x.device))

@@ -221,6 +221,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--rl-kernels", default="triton", help="attention for the RL iteration")
     ap.add_argument("--update-steps", type=int, default=0, help="time the update on this many steps and scale")
+    ap.add_argument("--grad-ckpt", type=int, default=1)
     args = ap.parse_args()
     small = args.small
     res = 128 if small else 512
@@ -242,7 +243,8 @@ def main():
         t0 = time.time()
         dims = dict(layers=1, single_layers=1, heads=2) if small else {}
         m = sft.random_kontext(args.device, dtype, **dims)
-        m.transformer.enable_gradient_checkpointing()
+        if args.grad_ckpt:
+            m.transformer.enable_gradient_checkpointing()
         m.transformer.train()
         record({"phase": "build", "seconds": time.time() - t0, "peak_gb": peak_gb(args.device),
                 "transformer_params": sum(p.numel() for p in m.transformer.parameters())})
