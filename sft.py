@@ -219,11 +219,20 @@ def setup_dist(device_pref=""):
         torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
         if use_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    cuda_setup()
     if device_pref:
         return torch.device(device_pref)
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def cuda_setup():
+    """PyTorch's cuDNN attention backend fails in the backward at Kontext's sequence lengths on an
+    H200 (torch 2.11, `mha_graph.execute(...).is_good()`, then an illegal memory access; seen in
+    kernels/profile_kontext.py). Training uses the flash / memory-efficient backends instead."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def barrier():

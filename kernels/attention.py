@@ -7,7 +7,7 @@ each tile of q or k is rotated in registers right after it is loaded, so rotated
 touch memory. The backward recomputes the rotation the same way and rotates dq and dk back.
 
 Layout is diffusers' own, [B, L, H, D], so the processor needs no transposes. cos/sin are the
-[L, D] tables FluxPosEmbed makes (pairs repeated); the kernel keeps every other column.
+[L, D] tables FluxPosEmbed makes (pairs repeated); the kernel reads every other column.
 
 `rope_attention_reference` (RoPE, then PyTorch's scaled_dot_product_attention) is the reference;
 `rope_attention` is the Triton path. Tests compare them, also under TRITON_INTERPRET=1 on CPU.
@@ -63,28 +63,15 @@ if triton is not None:
 
     @triton.jit
     def _load_rot(X, COS, SIN, offs, L, stride_l, D: tl.constexpr, BLOCK: tl.constexpr):
-        """Loads rows `offs` of one head ([BLOCK, D]) and rotates them; rows past L read as 0.
-
-        The pair partner of channel d is channel d ^ 1: it is loaded a second time with swapped
-        columns (an L1 hit) so the rotation is elementwise in one layout, with no register shuffles
-        in the inner loop. COS/SIN are [L, D/2] fp16 tables, read at d // 2."""
+        """Loads rows `offs` of one head ([BLOCK, D]) and rotates them; rows past L read as 0."""
+        HALF: tl.constexpr = D // 2
         d = tl.arange(0, D)
+        h = tl.arange(0, HALF)
         row = offs[:, None] < L
-        ptr = X + offs[:, None] * stride_l
-        x = tl.load(ptr + d[None, :], mask=row, other=0.0).to(tl.float32)
-        xs = tl.load(ptr + (d ^ 1)[None, :], mask=row, other=0.0).to(tl.float32)
-        c = tl.load(COS + offs[:, None] * (D // 2) + (d // 2)[None, :], mask=row, other=1.0).to(tl.float32)
-        s = tl.load(SIN + offs[:, None] * (D // 2) + (d // 2)[None, :], mask=row, other=0.0).to(tl.float32)
-        sign = tl.where(d % 2 == 0, -1.0, 1.0)
-        return x * c + xs * s * sign[None, :]
-
-    @triton.jit
-    def _half_tables(COS, SIN, offs, L, D: tl.constexpr):
-        h = tl.arange(0, D // 2)
-        row = offs[:, None] < L
-        c = tl.load(COS + offs[:, None] * (D // 2) + h[None, :], mask=row, other=1.0).to(tl.float32)
-        s = tl.load(SIN + offs[:, None] * (D // 2) + h[None, :], mask=row, other=0.0).to(tl.float32)
-        return c, s
+        x = tl.load(X + offs[:, None] * stride_l + d[None, :], mask=row, other=0.0).to(tl.float32)
+        c = tl.load(COS + offs[:, None] * D + 2 * h[None, :], mask=row, other=1.0)
+        s = tl.load(SIN + offs[:, None] * D + 2 * h[None, :], mask=row, other=0.0)
+        return _rotate(x, c, s, BLOCK, HALF)
 
     @triton.jit
     def _fwd_kernel(Q, K, V, COS, SIN, O, LSE, qk_scale, L, H,
@@ -168,7 +155,9 @@ if triton is not None:
             dpt = tl.dot(v, tl.trans(do))
             dst = pt * (dpt - delta[None, :])
             dk += tl.dot(dst.to(q.dtype), q)
-        c, s = _half_tables(COS, SIN, offs_n, L, D)
+        h = tl.arange(0, HALF)
+        c = tl.load(COS + offs_n[:, None] * D + 2 * h[None, :], mask=cols, other=1.0)
+        s = tl.load(SIN + offs_n[:, None] * D + 2 * h[None, :], mask=cols, other=0.0)
         dk = _unrotate(dk * sm_scale, c, s, BLOCK_N, HALF)
         tl.store(DK + b * skb + hd * skh + offs_n[:, None] * skl + d[None, :], dk.to(DK.dtype.element_ty), mask=cols)
         tl.store(DV + b * svb + hd * svh + offs_n[:, None] * svl + d[None, :], dv.to(DV.dtype.element_ty), mask=cols)
@@ -204,7 +193,9 @@ if triton is not None:
             dp = tl.dot(do, tl.trans(v))
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k)
-        c, s = _half_tables(COS, SIN, offs_m, L, D)
+        h = tl.arange(0, HALF)
+        c = tl.load(COS + offs_m[:, None] * D + 2 * h[None, :], mask=rows[:, None], other=1.0)
+        s = tl.load(SIN + offs_m[:, None] * D + 2 * h[None, :], mask=rows[:, None], other=0.0)
         dq = _unrotate(dq * sm_scale, c, s, BLOCK_M, HALF)
         tl.store(DQ + b * sqb + hd * sqh + offs_m[:, None] * sql + d[None, :], dq.to(DQ.dtype.element_ty),
                  mask=rows[:, None])
@@ -235,10 +226,7 @@ class _RopeAttention(torch.autograd.Function):
                 raise ValueError("q, k, v need a contiguous last dimension")
         if q.is_cuda and q.dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(f"rope_attention on CUDA takes fp16 or bf16, got {q.dtype}")
-        # Each pair shares one angle: keep every other column, in fp16 (relative error 2^-11, well
-        # under the bf16/fp16 rounding of q and k themselves) to halve the table traffic again.
-        table = torch.float32 if not q.is_cuda else torch.float16
-        cos, sin = cos[:, ::2].to(table).contiguous(), sin[:, ::2].to(table).contiguous()
+        cos, sin = cos.float().contiguous(), sin.float().contiguous()
         o = torch.empty_like(q)
         lse = torch.empty(B * H, L, device=q.device, dtype=torch.float32)
         cfg = {**_configs(D), **CONFIG_OVERRIDE}

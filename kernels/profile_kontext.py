@@ -238,6 +238,7 @@ def main():
         print(json.dumps(row), flush=True)
         out.write_text(json.dumps(results, indent=1))
 
+    sft.cuda_setup()
     m = None
     if "sft" in phases or "rl" in phases:
         t0 = time.time()
