@@ -175,8 +175,27 @@ TINY_CATEGORY_WORDS = ["circle", "square", "triangle", "star", "diamond", "hexag
                        "dog", "cat", "hat", "scarf", "person", "cup", "chair", "bottle", "car", "bird"]
 
 
+def tiny_clip(folder, seed=0):
+    """A tiny CLIPModel (bench.py's DreamBench CLIP-I / CLIP-T) with its processor's two parts."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from sft import build_tiny_tokenizer
+
+    torch.manual_seed(seed)
+    tok = build_tiny_tokenizer(16)
+    CLIPModel(CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16, eos_token_id=tok.eos_token_id,
+                         bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8), projection_dim=16)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+
+
 def tiny_path(name, tiny_dir):
-    builders = {"detector": tiny_grounding_dino, "dino": tiny_dino, "judge": tiny_qwen_vl, "hpsv3": tiny_hpsv3}
+    builders = {"detector": tiny_grounding_dino, "dino": tiny_dino, "judge": tiny_qwen_vl, "hpsv3": tiny_hpsv3,
+                "clip": tiny_clip}
     return str(ensure_tiny_model(tiny_dir, name, builders[name]))
 
 

@@ -160,9 +160,13 @@ def atomic_path(path):
         raise
 
 
-def write_json(path, obj):
+def write_text(path, text):
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=1))
+        tmp.write_text(text)
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=1))
 
 
 def save_png(path, image):

@@ -1,0 +1,475 @@
+"""
+bench.py - PSRBench (PSR stage 5): subject consistency, semantic alignment and aesthetics over the
+seven subsets, read from the authors' released layout; plus DreamBench-style multi-subject pairs.
+
+Modes:
+  generation  our sampler on every item (resumable: images already on disk are kept)
+  results     --results DIR with <Subset>/<index>.png, or the subset JSONs with result_path filled
+              in, so any model's outputs can be scored
+
+Dimensions (DESIGN section 8): subject consistency = R_PSR in `official` mode (and `strict` as a
+second column); semantic alignment = the geometry rule on Position, the judge's 0-10 / 10
+elsewhere; aesthetics = HPSv3 / 10. A failed item is listed with its reason; every mean says how
+many items it covers.
+
+Run:
+    python bench.py --preset tiny                               # builds a tiny PSRBench, scores runs/tiny-*
+    python bench.py --psrbench /data/PSRBench --lora runs/kontext-sft/lora,runs/kontext-rl/lora --out runs/b
+    python bench.py --psrbench /data/PSRBench --results outputs/other-model --out runs/other --preset kontext
+    python bench.py --compare runs/a/scores.json,runs/b/scores.json --out runs/compare
+    torchrun --nproc_per_node 8 bench.py --psrbench /data/PSRBench --out runs/b
+"""
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+import sft
+from sft import ROOT, barrier, image_grid, parse_config, rank, save_png, world, write_json
+
+SUBSETS = ("Attribute", "Action", "Background", "Position", "Complex", "Three", "Four")
+DIMENSIONS = ("subject_consistency", "subject_consistency_strict", "semantic_alignment", "aesthetics")
+
+
+@dataclass
+class Config:
+    preset: str = ""
+    psrbench: str = ""            # folder in the authors' layout
+    results: str = ""             # score these outputs instead of generating
+    out: str = ""                 # default runs/<preset>-bench
+    model: str = "black-forest-labs/FLUX.1-Kontext-dev"
+    lora: str = "auto"            # comma list of LoRA folders fused in order; auto: the preset's runs
+    name: str = ""                # the model's name in the report
+    subsets: str = ",".join(SUBSETS)
+    first_k: int = 0              # 0: every item
+    resolution: int = 512
+    steps: int = 28
+    guidance: float = 2.5
+    pe: str = "frame"
+    max_text_len: int = 512
+    seed: int = 0
+    compare: str = ""             # comma list of scores.json to put side by side
+    dreambench: str = ""          # JSON of {"subjects": [dir, dir], "prompt": ...} pairs
+    clip: str = "openai/clip-vit-base-patch32"
+    tiny_items: int = 2           # items per subset in the tiny PSRBench
+    tiny_dir: str = "tiny-models"
+    device: str = ""
+
+
+# ----------------------------------------------------------------------------------------------
+# The Position rule, exactly as DESIGN section 8 states it.
+
+DIRECTIONS = ("to the left of", "to the right of", "on the left of", "on the right of", "above", "on top of",
+              "below", "under")
+NEAR = ("next to", "near", "on side of")
+
+
+def find_relation(instruction):
+    """The first directional phrase of the list that occurs in the instruction, else a 'near' phrase."""
+    text = instruction.lower()
+    for phrase in DIRECTIONS + NEAR:
+        if phrase in text:
+            return phrase
+    return None
+
+
+def iou(a, b):
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def position_score(relation, box1, box2):
+    """Boxes (x1, y1, x2, y2) in pixels, y down. dx, dy = centre2 - centre1."""
+    if relation is None:
+        return 0.0
+    dx = (box2[0] + box2[2]) / 2 - (box1[0] + box1[2]) / 2
+    dy = (box2[1] + box2[3]) / 2 - (box1[1] + box1[3]) / 2
+    if relation in NEAR:
+        return 1.0 if abs(dx) < 150 or abs(dy) < 150 else 150 / max(abs(dx), abs(dy))
+    if relation in ("to the left of", "on the left of"):
+        ok = dx > 0 and abs(dx) > abs(dy)
+    elif relation in ("to the right of", "on the right of"):
+        ok = dx < 0 and abs(dx) > abs(dy)
+    elif relation in ("above", "on top of"):
+        ok = dy > 0
+    else:  # below, under
+        ok = dy < 0
+    if not ok:
+        return 0.0
+    o = iou(box1, box2)
+    return 1.0 if o < 0.1 else 0.1 / o
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading PSRBench.
+
+def categories_of(item):
+    cats, k = [], 1
+    while f"category{k}" in item:
+        cats.append(item[f"category{k}"])
+        k += 1
+    return cats
+
+
+def load_psrbench(folder, subsets, first_k=0):
+    folder = Path(folder)
+    bench = {}
+    for subset in subsets:
+        path = folder / f"{subset}.json"
+        if not path.exists():
+            raise SystemExit(f"{path} not found: a PSRBench folder holds {', '.join(s + '.json' for s in SUBSETS)}")
+        items = json.loads(path.read_text())
+        for i, it in enumerate(items):
+            for key in ("instruction", "input_path", "category1"):
+                if key not in it:
+                    raise SystemExit(f"{path}: item {i} has no field {key!r}")
+            if len(categories_of(it)) != len(it["input_path"]):
+                raise SystemExit(f"{path}: item {i} has {len(it['input_path'])} input images but "
+                                 f"{len(categories_of(it))} categories")
+        bench[subset] = items[:first_k] if first_k else items
+    return bench
+
+
+def result_path(cfg, out, subset, index, item):
+    """Where item `index`'s image is: --results as JSONs with result_path, as a folder, or ours."""
+    if cfg.results:
+        res = Path(cfg.results)
+        if res.is_file() or (res / f"{subset}.json").exists():
+            items = json.loads((res if res.is_file() else res / f"{subset}.json").read_text())
+            rp = items[index].get("result_path") if index < len(items) else None
+            return Path(rp) if rp and Path(rp).is_absolute() else (res if res.is_dir() else res.parent) / (rp or "")
+        return res / subset / f"{index}.png"
+    return out / "images" / subset / f"{index}.png"
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation: resumable, items spread over ranks.
+
+def resolve_loras(cfg, name):
+    if cfg.lora == "auto":
+        rl_l, sft_l = ROOT / "runs" / f"{name}-rl" / "lora", ROOT / "runs" / f"{name}-sft" / "lora"
+        if (rl_l / "pytorch_lora_weights.safetensors").exists():
+            return [sft_l, rl_l]  # the RL adapter was trained on the SFT-fused model
+        if (sft_l / "pytorch_lora_weights.safetensors").exists():
+            return [sft_l]
+        return []
+    return [Path(p) for p in cfg.lora.split(",") if p and p != "none"]
+
+
+def generate_all(cfg, bench, folder, out, device):
+    todo = [(s, i, it) for s in bench for i, it in enumerate(bench[s])
+            if not result_path(cfg, out, s, i, it).exists()]
+    mine = todo[rank():: world()]
+    if not mine:
+        return 0
+    m = sft.load_kontext(cfg.model, device, sft.model_dtype(device), cfg.tiny_dir)
+    for k, lora in enumerate(resolve_loras(cfg, cfg.preset or "run")):
+        sft.load_lora_into(m.transformer, lora, fuse=True, name=f"l{k}")
+    for subset, i, item in tqdm(mine, desc="generate", disable=rank() != 0):
+        refs = [sft.open_image(folder, p, f"{subset}/{i}") for p in item["input_path"]]
+        image = sft.generate(m, [item["instruction"]], [refs], cfg.resolution, cfg.resolution, cfg.steps,
+                             cfg.guidance, cfg.seed + i, cfg.pe, cfg.max_text_len)[0]
+        save_png(result_path(cfg, out, subset, i, item), image)
+    return len(mine)
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring.
+
+def score_item(mix, folder, image_path, subset, index, item):
+    import rewards
+
+    with Image.open(image_path) as im:
+        image = im.convert("RGB")
+    refs = [sft.open_image(folder, p, f"{subset}[{index}]") for p in item["input_path"]]
+    cats = categories_of(item)
+    row = {}
+    for mode, key in (("official", "subject_consistency"), ("strict", "subject_consistency_strict")):
+        row[key] = rewards.psr_reward([image], [refs], [cats], mix.detector, mix.embed, mode)["score"][0]
+    if subset == "Position":
+        det = mix.detector([image], [cats[:2]])[0]
+        b1, b2 = (det.get(c.strip().lower(), []) for c in cats[:2])
+        relation = find_relation(item["instruction"])
+        row["semantic_alignment"] = position_score(relation, b1[0][0], b2[0][0]) if b1 and b2 else 0.0
+        row["relation"] = relation
+    else:
+        j = rewards.judge_scores(mix.judge, [image], [item["instruction"]], [subset], mix.templates, mix.fallback)
+        row["semantic_alignment"] = j["score"][0] / 10
+        row["judge_unparsed"] = j["unparsed"]
+    row["aesthetics_raw"] = mix.hps([image], [item["instruction"]])[0]
+    row["aesthetics"] = row["aesthetics_raw"] / 10
+    return row
+
+
+def score_all(cfg, bench, folder, out, device):
+    import rewards
+
+    rcfg = parse_config(rewards.Config, "rewards", ["--preset", cfg.preset] if cfg.preset else [])
+    rcfg.tiny_dir = cfg.tiny_dir
+    mix = rewards.build_reward_mix(rcfg, device, sft.model_dtype(device))
+    items = [(s, i, it) for s in bench for i, it in enumerate(bench[s])]
+    rows = []
+    for subset, i, item in tqdm(items[rank():: world()], desc="score", disable=rank() != 0):
+        path = result_path(cfg, out, subset, i, item)
+        try:
+            if not path.exists():
+                raise FileNotFoundError(f"no image at {path}")
+            rows.append({"subset": subset, "index": i, **score_item(mix, folder, path, subset, i, item)})
+        except Exception as e:  # listed with its reason, never silently left out of a mean
+            rows.append({"subset": subset, "index": i, "failed": f"{type(e).__name__}: {e}"})
+    if world() > 1:
+        gathered = [None] * world()
+        torch.distributed.all_gather_object(gathered, rows)
+        rows = [r for part in gathered for r in part]
+    return sorted(rows, key=lambda r: (SUBSETS.index(r["subset"]), r["index"]))
+
+
+def summarize(rows, subsets):
+    out = {"subsets": {}, "overall": {}}
+    for s in subsets:
+        ok = [r for r in rows if r["subset"] == s and "failed" not in r]
+        entry = {d: float(np.mean([r[d] for r in ok])) if ok else float("nan") for d in DIMENSIONS}
+        entry["n"] = len(ok)
+        entry["failed"] = [{"index": r["index"], "reason": r["failed"]} for r in rows
+                           if r["subset"] == s and "failed" in r]
+        entry["judge_unparsed"] = sum(r.get("judge_unparsed", 0) for r in ok)
+        out["subsets"][s] = entry
+    ok = [r for r in rows if "failed" not in r]
+    out["overall"] = {d: float(np.mean([r[d] for r in ok])) if ok else float("nan") for d in DIMENSIONS}
+    out["overall"]["n"] = len(ok)
+    out["overall"]["failed"] = sum(len(e["failed"]) for e in out["subsets"].values())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Report: a markdown table like the paper's, a radar chart per dimension, a contact sheet.
+
+def report_md(models):
+    """models: list of (name, scores). Rows are models, columns the dimensions (overall), then per subset."""
+    lines = ["| model | subject consistency | SC (strict) | semantic alignment | aesthetics (HPSv3/10) | items | failed |",
+             "|---|---|---|---|---|---|---|"]
+    for name, sc in models:
+        o = sc["overall"]
+        lines.append(f"| {name} | {o['subject_consistency']:.3f} | {o['subject_consistency_strict']:.3f} | "
+                     f"{o['semantic_alignment']:.3f} | {o['aesthetics']:.3f} | {o['n']} | {o['failed']} |")
+    for dim in DIMENSIONS:
+        lines += ["", f"**{dim}** per subset (items scored in parentheses)", "",
+                  "| model | " + " | ".join(SUBSETS) + " |", "|---" * (len(SUBSETS) + 1) + "|"]
+        for name, sc in models:
+            cells = [f"{sc['subsets'][s][dim]:.3f} ({sc['subsets'][s]['n']})" if s in sc["subsets"] else "-"
+                     for s in SUBSETS]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    failed = [(name, s, f) for name, sc in models for s, e in sc["subsets"].items() for f in e["failed"]]
+    if failed:
+        lines += ["", "Failed items:", ""] + [f"- {n} {s}[{f['index']}]: {f['reason']}" for n, s, f in failed]
+    return "\n".join(lines) + "\n"
+
+
+COLORS = [(220, 50, 50), (40, 110, 220), (40, 160, 70), (230, 150, 20), (140, 60, 180), (20, 170, 170)]
+
+
+def radar(models, size=360):
+    """One radar per dimension, seven axes (subsets), every model overlaid; drawn with PIL."""
+    panels = []
+    for dim in DIMENSIONS:
+        vals = [[sc["subsets"].get(s, {}).get(dim, float("nan")) for s in SUBSETS] for _, sc in models]
+        top = max([v for row in vals for v in row if not math.isnan(v)] + [1e-6])
+        img = Image.new("RGB", (size, size + 30), "white")
+        d = ImageDraw.Draw(img)
+        c, r = size / 2, size / 2 - 40
+        ang = [-math.pi / 2 + 2 * math.pi * k / len(SUBSETS) for k in range(len(SUBSETS))]
+        for frac in (0.25, 0.5, 0.75, 1.0):
+            d.polygon([(c + r * frac * math.cos(a), c + r * frac * math.sin(a)) for a in ang], outline=(210, 210, 210))
+        for a, s in zip(ang, SUBSETS):
+            d.line([(c, c), (c + r * math.cos(a), c + r * math.sin(a))], fill=(200, 200, 200))
+            tx = c + (r + 14) * math.cos(a)
+            d.text((tx - (50 if math.cos(a) > 0.3 else 25 if math.cos(a) > -0.3 else 5), c + (r + 14) * math.sin(a) - 5),
+                   s, fill=(0, 0, 0))
+        for k, row in enumerate(vals):
+            pts = [(c + r * (0 if math.isnan(v) else v / top) * math.cos(a),
+                    c + r * (0 if math.isnan(v) else v / top) * math.sin(a)) for v, a in zip(row, ang)]
+            d.polygon(pts, outline=COLORS[k % len(COLORS)])
+            d.line(pts + pts[:1], fill=COLORS[k % len(COLORS)], width=2)
+        d.text((10, size), f"{dim} (outer ring {top:.3f})", fill=(0, 0, 0))
+        for k, (name, _) in enumerate(models):
+            d.text((10, 10 + 12 * k), name, fill=COLORS[k % len(COLORS)])
+        panels.append(img)
+    sheet = Image.new("RGB", (size * len(panels), size + 30), "white")
+    for k, p in enumerate(panels):
+        sheet.paste(p, (k * size, 0))
+    return sheet
+
+
+def contact_sheet(cfg, bench, folder, out, per_subset=2):
+    rows = []
+    for s in bench:
+        for i, item in enumerate(bench[s][:per_subset]):
+            path = result_path(cfg, out, s, i, item)
+            refs = [sft.open_image(folder, p, f"{s}/{i}") for p in item["input_path"]]
+            try:
+                with Image.open(path) as im:
+                    result = im.convert("RGB")
+            except Exception:
+                result = Image.new("RGB", (64, 64), (255, 0, 255))  # the missing or broken image shows as magenta
+            rows.append(refs + [result])
+    return image_grid(rows, cell=96) if rows else None
+
+
+def write_report(out, models, sheet=None):
+    sft.write_text(out / "report.md", report_md(models))
+    save_png(out / "radar.png", radar(models))
+    if sheet is not None:
+        save_png(out / "contact_sheet.png", sheet)
+
+
+# ----------------------------------------------------------------------------------------------
+# A small PSRBench in the authors' layout, from held-out procedural samples (tiny preset).
+
+TASK_OF = {"Attribute": "attribute", "Action": "action", "Background": "background", "Position": "position",
+           "Complex": "complex", "Three": "three", "Four": "four"}
+
+
+def build_tiny_psrbench(folder, n, size, seed=12345):
+    from make_data import draw_sample
+
+    folder = Path(folder)
+    if all((folder / f"{s}.json").exists() for s in SUBSETS):
+        return folder
+    from sft import TASKS
+
+    for subset in SUBSETS:
+        mix = tuple(1.0 if t == TASK_OF[subset] else 0.0 for t in TASKS)
+        items = []
+        for i in range(n):
+            # a different index range from any training set: these samples are held out
+            sid, task, text, subjects, target, refs, meta = draw_sample(i, seed + 1000 * SUBSETS.index(subset),
+                                                                        size, mix, id_offset=9_000_000)
+            paths = []
+            for k, r in enumerate(refs):
+                rel = f"subjects/{subset}_{i}_{k}.png"
+                save_png(folder / rel, r)
+                paths.append(rel)
+            item = {"instruction": text, "input_path": paths}
+            item.update({f"category{k + 1}": s["shape"] for k, s in enumerate(subjects)})
+            items.append(item)
+        write_json(folder / f"{subset}.json", items)
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------
+# DreamBench-style pairs: DINO, CLIP-I and CLIP-T.
+
+def projected(features):
+    """CLIP's projected embedding: transformers 5 returns it as the output's pooler_output."""
+    return (features if torch.is_tensor(features) else features.pooler_output).float()
+
+
+def dreambench(cfg, out, device):
+    """Items {"subjects": [dir, dir], "prompt": str} (paths relative to the JSON); image i of the
+    results folder (or ours, generated from each subject's first image) is scored against every
+    image of both subjects: DINO and CLIP-I are mean cosines, CLIP-T image-prompt cosine."""
+    import rewards
+    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+
+    path = Path(cfg.dreambench)
+    items = json.loads(path.read_text())
+    clip_path = rewards.tiny_path("clip", cfg.tiny_dir) if cfg.clip == "tiny" else cfg.clip
+    clip = CLIPModel.from_pretrained(clip_path).to(device).eval()
+    image_proc, tok = AutoImageProcessor.from_pretrained(clip_path), AutoTokenizer.from_pretrained(clip_path)
+    rcfg = parse_config(rewards.Config, "rewards", ["--preset", cfg.preset] if cfg.preset else [])
+    embed = rewards.DinoEmbedder(rcfg.dino, device, cfg.tiny_dir)
+    m = None
+    rows = []
+    for i, it in enumerate(items):
+        subj = [sorted(p for p in (path.parent / d).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+                for d in it["subjects"]]
+        refs = [[sft.open_image(p.parent, p.name, f"dreambench {i}") for p in ps] for ps in subj]
+        out_path = (Path(cfg.results) if cfg.results else out / "dreambench") / f"{i}.png"
+        if not out_path.exists():
+            if m is None:
+                m = sft.load_kontext(cfg.model, device, sft.model_dtype(device), cfg.tiny_dir)
+                for k, lora in enumerate(resolve_loras(cfg, cfg.preset or "run")):
+                    sft.load_lora_into(m.transformer, lora, fuse=True, name=f"l{k}")
+            save_png(out_path, sft.generate(m, [it["prompt"]], [[r[0] for r in refs]], cfg.resolution, cfg.resolution,
+                                            cfg.steps, cfg.guidance, cfg.seed + i, cfg.pe, cfg.max_text_len)[0])
+        with Image.open(out_path) as im:
+            image = im.convert("RGB")
+        flat = [r for rs in refs for r in rs]
+        dino = float((embed([image]) @ embed(flat).T).mean())
+        with torch.no_grad():
+            px = image_proc(images=[image] + flat, return_tensors="pt")["pixel_values"].to(device)
+            f = torch.nn.functional.normalize(projected(clip.get_image_features(pixel_values=px)), dim=-1)
+            t = tok([it["prompt"]], return_tensors="pt", padding=True, truncation=True).to(device)
+            ft = torch.nn.functional.normalize(projected(clip.get_text_features(**t)), dim=-1)
+        rows.append({"index": i, "dino": dino, "clip_i": float((f[:1] @ f[1:].T).mean()),
+                     "clip_t": float(f[0] @ ft[0])})
+    summary = {k: float(np.mean([r[k] for r in rows])) for k in ("dino", "clip_i", "clip_t")}
+    write_json(out / "dreambench.json", {"items": rows, "mean": summary, "n": len(rows)})
+    print(f"[bench] DreamBench ({len(rows)} pairs): DINO {summary['dino']:.3f}  CLIP-I {summary['clip_i']:.3f}  "
+          f"CLIP-T {summary['clip_t']:.3f}")
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+
+def main(cfg):
+    device = sft.setup_dist(cfg.device)
+    name = cfg.preset or "run"
+    out = Path(cfg.out or ROOT / "runs" / f"{name}-bench")
+    sft.print_config(cfg, "bench", out)
+    if cfg.compare:
+        models = [(Path(p).parent.name, json.loads(Path(p).read_text())) for p in cfg.compare.split(",")]
+        if rank() == 0:
+            write_report(out, models)
+            print(report_md(models))
+        return out
+    if cfg.dreambench:
+        return dreambench(cfg, out, device) if rank() == 0 else None
+    t0 = time.time()
+    if not cfg.psrbench:
+        if cfg.preset != "tiny":
+            raise SystemExit("give --psrbench DIR (the authors' PSRBench folder)")
+        folder = out / "psrbench"
+        if rank() == 0:
+            build_tiny_psrbench(folder, cfg.tiny_items, cfg.resolution)
+        barrier()
+    else:
+        folder = Path(cfg.psrbench)
+    subsets = [s for s in cfg.subsets.split(",") if s]
+    unknown = [s for s in subsets if s not in SUBSETS]
+    if unknown:
+        raise SystemExit(f"unknown subset(s) {unknown}; PSRBench has {', '.join(SUBSETS)}")
+    bench = load_psrbench(folder, subsets, cfg.first_k)
+    made = 0 if cfg.results else generate_all(cfg, bench, folder, out, device)
+    barrier()
+    t_gen = time.time() - t0
+    rows = score_all(cfg, bench, folder, out, device)
+    if rank() == 0:
+        scores = summarize(rows, subsets)
+        scores["model"] = cfg.name or (cfg.results or ",".join(str(p) for p in resolve_loras(cfg, name)) or cfg.model)
+        write_json(out / "items.json", rows)
+        write_json(out / "scores.json", scores)
+        write_report(out, [(cfg.name or name, scores)], contact_sheet(cfg, bench, folder, out))
+        o = scores["overall"]
+        print(report_md([(cfg.name or name, scores)]).split("\n\n")[0])
+        print(f"[bench] {o['n']} items scored, {o['failed']} failed; generated {made} images this run; "
+              f"{t_gen:.1f}s generating, {time.time() - t0 - t_gen:.1f}s scoring")
+        print(f"[bench] report: {out / 'report.md'}  radar: {out / 'radar.png'}  "
+              f"contact sheet: {out / 'contact_sheet.png'}  scores: {out / 'scores.json'}")
+    barrier()
+    return out
+
+
+if __name__ == "__main__":
+    main(parse_config(Config, "bench"))

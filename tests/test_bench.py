@@ -1,0 +1,181 @@
+import json
+import shutil
+
+import pytest
+
+import bench
+import sft
+
+SUBSETS = bench.SUBSETS
+
+
+@pytest.mark.parametrize("instruction,relation", [
+    ("Put the dog to the left of the cat", "to the left of"),
+    ("the cat on the right of the dog, the dog above a box", "on the right of"),  # list order decides
+    ("a hat on top of the bear", "on top of"),
+    ("the cup under the table", "under"),
+    ("the dog next to the cat", "next to"),
+    ("two dogs near a tree", "near"),
+    ("a dog and a cat in a park", None),
+])
+def test_find_relation(instruction, relation):
+    assert bench.find_relation(instruction) == relation
+
+
+A = (0, 0, 100, 100)          # centre (50, 50)
+RIGHT = (300, 20, 400, 120)   # centre (350, 70): dx = 300, dy = 20
+BELOW = (20, 300, 120, 400)   # centre (70, 350): dx = 20, dy = 300
+
+
+@pytest.mark.parametrize("relation,b1,b2,want", [
+    ("to the left of", A, RIGHT, 1.0),     # 1 left of 2: dx > 0, |dx| > |dy|, no overlap
+    ("on the left of", RIGHT, A, 0.0),
+    ("to the right of", RIGHT, A, 1.0),
+    ("on the right of", A, RIGHT, 0.0),
+    ("above", A, BELOW, 1.0),              # image y points down: 2 lower means dy > 0
+    ("on top of", BELOW, A, 0.0),
+    ("below", BELOW, A, 1.0),
+    ("under", A, BELOW, 0.0),
+    ("to the left of", A, BELOW, 0.0),     # dx > 0 but |dx| < |dy|
+    ("next to", A, RIGHT, 1.0),            # |dy| = 20 < 150
+    ("near", (0, 0, 10, 10), (400, 500, 410, 510), 150 / 500),  # dx 400, dy 500: 150 / max
+    ("on side of", A, A, 1.0),
+    (None, A, RIGHT, 0.0),
+])
+def test_position_score_rules(relation, b1, b2, want):
+    assert bench.position_score(relation, b1, b2) == pytest.approx(want)
+
+
+def test_position_score_iou_branch():
+    a, b = (0, 0, 100, 100), (60, 0, 160, 100)  # centre dx = 60, dy = 0; IoU = 40*100 / (2*10000 - 4000) = 0.25
+    assert bench.iou(a, b) == pytest.approx(0.25)
+    assert bench.position_score("to the left of", a, b) == pytest.approx(0.1 / 0.25)
+    c = (95, 0, 195, 100)  # IoU = 500 / 19500 < 0.1 -> full score
+    assert bench.position_score("to the left of", a, c) == 1.0
+
+
+@pytest.fixture(scope="module")
+def psrbench(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("psrbench")
+    bench.build_tiny_psrbench(folder, 2, 64)
+    return folder
+
+
+def run(tmp_dir, tiny_dir, *args):
+    cfg = sft.parse_config(bench.Config, "bench", ["--preset", "tiny", "--tiny_dir", tiny_dir, "--lora", "none",
+                                                   "--steps", "2", *args])
+    return bench.main(cfg)
+
+
+def test_psrbench_folder_has_the_authors_layout(psrbench):
+    for subset, n in zip(SUBSETS, (2, 2, 2, 2, 2, 3, 4)):
+        items = json.loads((psrbench / f"{subset}.json").read_text())
+        assert len(items) == 2
+        for it in items:
+            assert set(it) == {"instruction", "input_path"} | {f"category{k}" for k in range(1, n + 1)}
+            assert len(it["input_path"]) == n and all((psrbench / p).exists() for p in it["input_path"])
+    pos = json.loads((psrbench / "Position.json").read_text())
+    assert all(bench.find_relation(it["instruction"]) for it in pos)
+
+
+def test_generation_then_results_mode(tmp_path, psrbench, tiny_dir):
+    gen = run(tmp_path, tiny_dir, "--psrbench", str(psrbench), "--out", str(tmp_path / "gen"))
+    scores = json.loads((gen / "scores.json").read_text())
+    assert set(scores["subsets"]) == set(SUBSETS)
+    for s in SUBSETS:
+        e = scores["subsets"][s]
+        assert e["n"] == 2 and e["failed"] == []
+        for d in bench.DIMENSIONS:
+            assert isinstance(e[d], float) and e[d] == e[d]  # a number, not NaN
+    assert 0 <= scores["subsets"]["Position"]["semantic_alignment"] <= 1
+    for f in ("report.md", "radar.png", "contact_sheet.png"):
+        assert (gen / f).exists()
+    # results mode on the same images gives the same scores
+    res = run(tmp_path, tiny_dir, "--psrbench", str(psrbench), "--results", str(gen / "images"),
+              "--out", str(tmp_path / "res"))
+    again = json.loads((res / "scores.json").read_text())
+    for s in SUBSETS:
+        for d in bench.DIMENSIONS:
+            assert again["subsets"][s][d] == pytest.approx(scores["subsets"][s][d], abs=1e-6)
+    # and as JSONs with result_path filled in (absolute paths, as another model's runner writes them)
+    jdir = tmp_path / "json"
+    jdir.mkdir()
+    for s in SUBSETS:
+        items = json.loads((psrbench / f"{s}.json").read_text())
+        for i, it in enumerate(items):
+            it["result_path"] = str(gen / "images" / s / f"{i}.png")
+        (jdir / f"{s}.json").write_text(json.dumps(items))
+    res2 = run(tmp_path, tiny_dir, "--psrbench", str(psrbench), "--results", str(jdir), "--out", str(tmp_path / "r2"))
+    assert json.loads((res2 / "scores.json").read_text())["overall"] == pytest.approx(scores["overall"])
+
+
+def test_missing_and_corrupt_results_are_listed(tmp_path, psrbench, tiny_dir):
+    gen = run(tmp_path, tiny_dir, "--psrbench", str(psrbench), "--out", str(tmp_path / "gen"),
+              "--subsets", "Attribute,Three")
+    full = json.loads((gen / "items.json").read_text())
+    broken = tmp_path / "broken"
+    shutil.copytree(gen / "images", broken)
+    (broken / "Attribute" / "1.png").unlink()
+    (broken / "Three" / "0.png").write_bytes(b"not a png")
+    out = run(tmp_path, tiny_dir, "--psrbench", str(psrbench), "--results", str(broken), "--out", str(tmp_path / "b"),
+              "--subsets", "Attribute,Three")
+    scores = json.loads((out / "scores.json").read_text())
+    att, three = scores["subsets"]["Attribute"], scores["subsets"]["Three"]
+    assert att["n"] == 1 and att["failed"][0]["index"] == 1 and "no image" in att["failed"][0]["reason"]
+    assert three["n"] == 1 and three["failed"][0]["index"] == 0 and "UnidentifiedImageError" in three["failed"][0]["reason"]
+    assert scores["overall"]["failed"] == 2 and scores["overall"]["n"] == 2
+    rows = {(r["subset"], r["index"]): r for r in json.loads((out / "items.json").read_text())}
+    for r in full:  # the surviving items score exactly as before
+        if (r["subset"], r["index"]) in (("Attribute", 0), ("Three", 1)):
+            for d in bench.DIMENSIONS:
+                assert rows[(r["subset"], r["index"])][d] == pytest.approx(r[d], abs=1e-6)
+    assert att["subject_consistency"] == pytest.approx(rows[("Attribute", 0)]["subject_consistency"])
+    assert "Failed items" in (out / "report.md").read_text()
+
+
+def test_rerun_generates_only_missing_images(tmp_path, psrbench, tiny_dir):
+    out = tmp_path / "gen"
+    run(tmp_path, tiny_dir, "--psrbench", str(psrbench), "--out", str(out), "--subsets", "Action,Four")
+    images = sorted((out / "images").rglob("*.png"))
+    assert len(images) == 4
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in images}
+    removed = images[::2]
+    for p in removed:
+        p.unlink()
+    run(tmp_path, tiny_dir, "--psrbench", str(psrbench), "--out", str(out), "--subsets", "Action,Four")
+    for p in images:
+        assert p.read_bytes() == before[p][1]  # same seed, same image
+        if p not in removed:
+            assert p.stat().st_mtime_ns == before[p][0]  # kept, not generated again
+
+
+def test_compare_puts_models_side_by_side(tmp_path):
+    def fake(v):
+        sub = {s: {**{d: v for d in bench.DIMENSIONS}, "n": 1, "failed": []} for s in SUBSETS}
+        return {"subsets": sub, "overall": {**{d: v for d in bench.DIMENSIONS}, "n": 7, "failed": 0}}
+    for name, v in (("a", 0.5), ("b", 0.7)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "scores.json").write_text(json.dumps(fake(v)))
+    cfg = sft.parse_config(bench.Config, "bench", ["--compare", f"{tmp_path}/a/scores.json,{tmp_path}/b/scores.json",
+                                                   "--out", str(tmp_path / "cmp")])
+    bench.main(cfg)
+    report = (tmp_path / "cmp" / "report.md").read_text()
+    assert "| a | 0.500 |" in report and "| b | 0.700 |" in report
+    assert (tmp_path / "cmp" / "radar.png").exists()
+
+
+def test_dreambench_pairs(tmp_path, tiny_dir):
+    from PIL import Image
+
+    for d, color in (("s1", "red"), ("s2", "blue")):
+        (tmp_path / d).mkdir()
+        for k in range(2):
+            Image.new("RGB", (64, 64), color).save(tmp_path / d / f"{k}.png")
+    (tmp_path / "pairs.json").write_text(json.dumps([{"subjects": ["s1", "s2"], "prompt": "a star and a circle"}]))
+    cfg = sft.parse_config(bench.Config, "bench", ["--preset", "tiny", "--tiny_dir", tiny_dir, "--lora", "none",
+                                                   "--steps", "2", "--dreambench", str(tmp_path / "pairs.json"),
+                                                   "--clip", "tiny", "--out", str(tmp_path / "db")])
+    summary = bench.main(cfg)
+    assert set(summary) == {"dino", "clip_i", "clip_t"}
+    assert all(-1 <= v <= 1 for v in summary.values())
+    assert (tmp_path / "db" / "dreambench" / "0.png").exists()
