@@ -57,7 +57,7 @@ class Config:
     adv_clip: float = 5.0
     beta: float = 0.0             # KL to the model without the RL adapter
     grad_clip: float = 1.0
-    reward: str = "mix"           # mix (rewards.py) | brightness (mean pixel value, for tests)
+    reward: str = "mix"           # mix (rewards.py) | brightness (mean pixel value) | module:function
     n_eval: int = 4               # held-out prompts (the dataset's last ones) for the eval curve
     eval_every: int = 10
     ckpt_every: int = 1
@@ -188,10 +188,17 @@ def brightness_reward(images, *_):
 
 
 def build_reward(cfg, device):
+    """`mix` (rewards.py), `brightness`, or `module:function` for a reward of your own: it takes
+    (images, refs, categories, instructions, subsets) and returns {"reward": [float per image]}."""
     if cfg.reward == "brightness":
         return brightness_reward
+    if ":" in cfg.reward:
+        import importlib
+
+        module, fn = cfg.reward.split(":", 1)
+        return getattr(importlib.import_module(module), fn)
     if cfg.reward != "mix":
-        raise SystemExit(f"--reward must be mix or brightness, got {cfg.reward!r}")
+        raise SystemExit(f"--reward must be mix, brightness or module:function, got {cfg.reward!r}")
     import rewards
 
     rcfg = sft.parse_config(rewards.Config, "rewards", ["--preset", cfg.preset] if cfg.preset else [])
@@ -364,7 +371,9 @@ def iteration(m, params, opt, samples, cache, reward_fn, data_dir, it, cfg):
            "adv_abs_mean": float(adv[finite].abs().mean()) if finite.any() else 0.0,
            **{f"{k}_mean": float(np.nanmean(v)) for k, v in terms.items()},
            **{f"{k}_std": float(np.nanstd(v)) for k, v in terms.items()},
-           **stats, "sample_s": t_sample, "reward_s": t_reward, "update_s": t_update}
+           **stats, "sample_s": t_sample, "reward_s": t_reward, "update_s": t_update,
+           "rewards": [None if math.isnan(r) else round(float(r), 6) for r in rewards.tolist()],
+           "advantages": [round(float(a), 5) for a in adv.tolist()]}
     if rank() == 0 and log["nan_rewards"]:
         print(f"[rl] iteration {it + 1}: {log['nan_rewards']} sample(s) scored NaN and were excluded; "
               f"groups dropped: {dropped}")

@@ -1,0 +1,181 @@
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import rl
+import sft
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def lr_contrast(images, *_):
+    """A simple reward the tiny model can move: left half brighter than the right half."""
+    out = []
+    for im in images:
+        a = np.asarray(im.convert("L"), dtype=np.float32) / 255
+        out.append(float(a[:, : a.shape[1] // 2].mean() - a[:, a.shape[1] // 2:].mean()))
+    return {"reward": out}
+
+
+def nan_for_first(images, *_):
+    r = lr_contrast(images)["reward"]
+    r[0] = float("nan")
+    return {"reward": r}
+
+
+def test_sde_step_noise_zero_is_euler():
+    g = torch.Generator().manual_seed(0)
+    x, v = torch.randn(3, 16, 64, generator=g), torch.randn(3, 16, 64, generator=g)
+    x_next, lp, mean, std = rl.sde_step(x, v, 0.7, 0.6, noise_level=0.0, generator=g)
+    assert std == 0.0
+    assert torch.allclose(x_next, x + (0.6 - 0.7) * v, atol=1e-7)
+    assert torch.equal(x_next, sft.euler_step(x, v, 0.7, 0.6)) or torch.allclose(x_next, sft.euler_step(x, v, 0.7, 0.6))
+
+
+def test_sde_step_formula_and_log_prob():
+    g = torch.Generator().manual_seed(1)
+    x, v = torch.randn(2, 8, 64, generator=g), torch.randn(2, 8, 64, generator=g)
+    s, sn, a = 0.8, 0.7, 0.7
+    x_next, lp, mean, std = rl.sde_step(x, v, s, sn, noise_level=a, generator=torch.Generator().manual_seed(5))
+    dt = sn - s
+    want_std = a * math.sqrt(s / (1 - s))
+    assert std == pytest.approx(want_std)
+    want_mean = x * (1 + want_std ** 2 / (2 * s) * dt) + v * (1 + want_std ** 2 * (1 - s) / (2 * s)) * dt
+    assert torch.allclose(mean, want_mean, atol=1e-6)
+    normal = torch.distributions.Normal(want_mean, want_std * math.sqrt(-dt))
+    assert torch.allclose(lp, normal.log_prob(x_next).mean(dim=(1, 2)), atol=1e-5)
+    # given prev_sample it scores that sample instead of drawing one
+    _, lp2, _, _ = rl.sde_step(x, v, s, sn, noise_level=a, prev_sample=x_next)
+    assert torch.equal(lp, lp2)
+    # at sigma == 1 the denominator uses the schedule's second sigma
+    _, _, _, std1 = rl.sde_step(x, v, 1.0, 0.96, noise_level=a, generator=g, second_sigma=0.96)
+    assert std1 == pytest.approx(a * math.sqrt(1 / (1 - 0.96)))
+
+
+def test_group_advantages():
+    r = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0])
+    g = torch.tensor([0, 0, 0, 1, 1, 1])
+    adv = rl.group_advantages(r, g)
+    m, sd = 2.0, math.sqrt(2 / 3)
+    assert torch.allclose(adv[:3], (r[:3] - m) / (sd + 1e-4))
+    assert torch.all(adv[3:] == 0)
+    assert rl.group_advantages(torch.tensor([0.0, 100.0]), torch.tensor([0, 0]), clip=0.5).abs().max() == 0.5
+    with pytest.raises(ValueError, match=r"group\(s\) \[1\] have no samples"):
+        rl.group_advantages(torch.tensor([1.0, 2.0]), torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="no rewards"):
+        rl.group_advantages(torch.tensor([]), torch.tensor([], dtype=torch.long))
+
+
+def test_nan_rewards_are_excluded():
+    prompts = [{"id": "a"}, {"id": "b"}]
+    rewards = torch.tensor([1.0, float("nan"), 3.0, float("nan"), float("nan"), float("nan")], dtype=torch.float64)
+    cfg = rl.Config()
+    adv, finite, dropped = rl.advantages_for(rewards, prompts, 3, cfg)
+    assert finite.tolist() == [True, False, True, False, False, False]
+    assert dropped == ["b"]
+    assert adv[1] == 0 and adv[0] < 0 < adv[2]  # the group's stats ignore the NaN sample
+
+
+def tiny_policy(tiny_dir, tiny_data):
+    m = sft.load_kontext("tiny", "cpu", torch.float32, tiny_dir)
+    samples, cache = sft.load_dataset(m, tiny_data, 64, 16)
+    params = rl.prepare_policy(m, rl.Config(lora_rank=4, lora_alpha=8), None)
+    return m, samples, cache, params
+
+
+def test_ratio_is_one_on_fresh_rollouts(tiny_dir, tiny_data):
+    m, samples, cache, params = tiny_policy(tiny_dir, tiny_data)
+    with torch.no_grad():  # a non-zero adapter, so the check is not trivially about the base model
+        for p in params:
+            p.add_(0.05 * torch.randn_like(p))
+    cfg = rl.Config(resolution=64, steps=5, group_size=4)
+    inputs = rl.encode_prompt(m, cache, samples[0], m.device)
+    lat, lps, sigmas, images = rl.rollout(m, m.transformer, inputs, [11, 12, 13, 14], cfg)
+    assert lat.shape[0] == 6 and lps.shape == (5, 4) and len(images) == 4
+    ro = {"inputs": inputs, "latents": lat, "log_probs": lps, "sigmas": sigmas}
+    mask = torch.ones(4, dtype=torch.bool)
+    for j in range(cfg.steps - 1):
+        _, ratio, _, _ = rl.step_loss(m, m.transformer, ro, j, torch.ones(4), mask, cfg)
+        assert torch.allclose(ratio, torch.ones(4), atol=1e-5, rtol=0), (j, ratio)
+
+
+def run_rl(tmp, tiny_data, tiny_dir, out, *extra, nproc=1):
+    base = ["--preset", "tiny", "--data", str(tiny_data), "--out", str(out), "--tiny_dir", tiny_dir,
+            "--sft_lora", "none", "--n_eval", "2", "--eval_every", "0", "--measure_overhead", "false", *extra]
+    if nproc == 1:
+        cmd = [sys.executable, str(ROOT / "rl.py"), *base]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), str(ROOT / "rl.py"),
+               *base, "--device", "cpu"]
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parent)}
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, env=env)
+
+
+def log(out):
+    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+def test_it_learns_on_held_out_prompts(tmp_path, tiny_data, tiny_dir):
+    cfg = sft.parse_config(rl.Config, "rl", [
+        "--preset", "tiny", "--data", str(tiny_data), "--out", str(tmp_path / "run"), "--tiny_dir", tiny_dir,
+        "--sft_lora", "none", "--reward", "test_rl:lr_contrast", "--iterations", "20", "--eval_every", "10",
+        "--n_eval", "6", "--group_size", "16", "--prompts_per_iter", "2", "--lr", "2e-2", "--lora_rank", "32",
+        "--lora_alpha", "64", "--measure_overhead", "false"])
+    rl.main(cfg)
+    evals = [r["eval_reward"] for r in log(tmp_path / "run") if "eval_reward" in r]
+    assert len(evals) == 3
+    print("held-out reward at iterations 1, 10, 20:", evals)
+    assert evals[-1] > evals[0] + 0.002, evals
+    assert all(abs(r["ratio_first"] - 1) < 1e-5 for r in log(tmp_path / "run"))
+    assert (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").exists()
+    assert list((tmp_path / "run" / "samples").glob("iter-*.png"))
+
+
+def test_killed_run_resumes_to_same_lora(tmp_path, tiny_data, tiny_dir):
+    args = ("--reward", "test_rl:lr_contrast", "--iterations", "4", "--prompts_per_iter", "2")
+    a = run_rl(tmp_path, tiny_data, tiny_dir, tmp_path / "a", *args)
+    assert a.returncode == 0, a.stderr[-2000:]
+    b = run_rl(tmp_path, tiny_data, tiny_dir, tmp_path / "b", *args, "--die_at_iter", "2")
+    assert b.returncode != 0 and not (tmp_path / "b" / "lora").exists()
+    b = run_rl(tmp_path, tiny_data, tiny_dir, tmp_path / "b", *args)
+    assert b.returncode == 0 and "resumed from" in b.stdout, b.stderr[-2000:]
+    wa = load_file(tmp_path / "a" / "lora" / "pytorch_lora_weights.safetensors")
+    wb = load_file(tmp_path / "b" / "lora" / "pytorch_lora_weights.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert [r["iter"] for r in log(tmp_path / "b")] == [1, 2, 3, 4]
+
+
+def test_two_ranks_give_the_same_advantages(tmp_path, tiny_data, tiny_dir):
+    args = ("--reward", "test_rl:lr_contrast", "--iterations", "1", "--prompts_per_iter", "2", "--group_size", "4")
+    one = run_rl(tmp_path, tiny_data, tiny_dir, tmp_path / "one", *args)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = run_rl(tmp_path, tiny_data, tiny_dir, tmp_path / "two", *args, nproc=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = log(tmp_path / "one")[0], log(tmp_path / "two")[0]
+    assert len(a["advantages"]) == 8
+    assert np.allclose(a["rewards"], b["rewards"], atol=1e-5)
+    assert np.allclose(a["advantages"], b["advantages"], atol=2e-3)  # normalized by a small std
+    assert np.sign(a["advantages"]).tolist() == np.sign(b["advantages"]).tolist()
+
+
+def test_nan_reward_sample_is_reported_not_trained(tmp_path, tiny_data, tiny_dir):
+    res = run_rl(tmp_path, tiny_data, tiny_dir, tmp_path / "n", "--reward", "test_rl:nan_for_first",
+                 "--iterations", "1", "--prompts_per_iter", "2", "--group_size", "4")
+    assert res.returncode == 0, res.stderr[-2000:]
+    row = log(tmp_path / "n")[0]
+    assert row["nan_rewards"] == 2  # the first image of each prompt's batch
+    assert "scored NaN and were excluded" in res.stdout
+    assert row["rewards"][0] is None and row["advantages"][0] == 0
+    assert row["trained_samples"] <= 6
+
+
+def test_missing_sft_lora_names_the_stage(tmp_path, tiny_data, tiny_dir):
+    res = run_rl(tmp_path, tiny_data, tiny_dir, tmp_path / "x", "--sft_lora", str(tmp_path / "nope"))
+    assert res.returncode != 0 and "run `python sft.py --preset tiny` first" in res.stderr
