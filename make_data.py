@@ -1,32 +1,45 @@
 """
 make_data.py - multi-subject training data for PSR (stage 1), in the dataset format of DESIGN 2.1.
 
-Source `procedural` draws subjects as distinct textured shapes: each subject's reference shows it
-alone (another pose, another backdrop), the target composes all subjects in one scene as the
-instruction says. It needs no model, so the tiny preset's pictures mean something; the cache is
-then encoded with the preset's model so that sft.py never runs the VAE or the text encoders.
+Two sources behind one writer:
+  models      the paper's pipeline. Stage A: an LLM writes a scene prompt with n subjects and one
+              new-context prompt per subject; FLUX.1-dev renders the scene; Grounding DINO finds and
+              crops each subject; FLUX.1 Kontext re-renders each crop in its new context -> the
+              references. Filters drop scenes where a subject is missing, doubled or tiny, and
+              references that drifted from their crop (DINO). Stage B: Kontext re-edits an attribute
+              or action for the tasks that need it, and a VLM writes the final instruction, naming
+              subjects by category only (checked against the scene prompt's appearance words).
+  procedural  draws subjects as distinct textured shapes: each reference shows one alone (another
+              pose, another backdrop), the target composes them as the instruction says. It needs no
+              model, so the tiny preset's pictures mean something.
+The cache (VAE latents, T5/CLIP embeddings) is then encoded so sft.py never runs the encoders.
 
 Each sample is a pure function of (seed, index): reruns skip finished ids, ranks split the ids,
 and any two runs with the same seed write the same dataset.
 
 Run:
-    python make_data.py --preset tiny                      # data/tiny/, CPU, seconds
+    python make_data.py --preset tiny                      # data/tiny/, procedural, CPU, seconds
     python make_data.py --preset tiny --preview 8          # plus preview.png, a contact sheet
-    torchrun --nproc_per_node 8 make_data.py --preset kontext
+    python make_data.py --preset tiny-models               # the whole model pipeline, tiny random models
+    torchrun --nproc_per_node 8 make_data.py --preset kontext --llm http://llm:8000/v1 --llm_model Qwen2.5-7B-Instruct \
+        --vlm http://vlm:8000/v1 --vlm_model Qwen2.5-VL-7B-Instruct
 """
 
 import json
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from sft import (ROOT, TASKS, append_jsonl, barrier, build_cache, image_grid, load_kontext, load_samples,
-                 model_dtype, parse_config, print_config, rank, read_jsonl, save_png, setup_dist, world)
+from sft import (ROOT, TASKS, append_jsonl, barrier, build_cache, ensure_tiny_model, image_grid, load_kontext,
+                 load_samples, model_dtype, parse_config, print_config, rank, read_jsonl, resolve_model, save_png,
+                 setup_dist, world, write_json)
 
 
 @dataclass
@@ -45,6 +58,26 @@ class Config:
     cache: bool = True
     preview: int = 0
     device: str = ""
+    # the `models` source (DESIGN section 4)
+    categories: str = "configs/objects365.txt"
+    llm: str = "template"         # template | a local instruct model (folder or hub id) | http(s)://host/v1
+    llm_model: str = ""           # model name at an endpoint
+    llm_key: str = ""
+    llm_retries: int = 3
+    vlm: str = "template"         # template | a local Qwen2.5-VL (folder or hub id) | http(s)://host/v1
+    vlm_model: str = ""
+    t2i: str = "black-forest-labs/FLUX.1-dev"
+    detector: str = "IDEA-Research/grounding-dino-tiny"
+    dino: str = "facebook/dino-vits16"
+    box_threshold: float = 0.35
+    text_threshold: float = 0.25
+    exact_once: bool = True       # drop a scene where a category is found more than once (or never)
+    min_box_frac: float = 0.02    # smallest box area as a fraction of the image
+    min_dino: float = 0.5         # smallest DINO similarity of a reference to its crop
+    gen_steps: int = 28
+    t2i_guidance: float = 3.5
+    edit_guidance: float = 2.5
+    die_after: int = 0            # fault injection for tests: SIGKILL after this many samples this run
 
 
 # ----------------------------------------------------------------------------------------------
@@ -254,11 +287,340 @@ def make_procedural(cfg, out):
             continue
         write_sample(out, sid, *rest, shard_file)
         made += 1
+        if made == cfg.die_after:
+            os.kill(os.getpid(), 9)
     return made, time.time() - t0
 
 
 def existing_ids_file(path):
     return {s["id"] for s in read_jsonl(path)} if Path(path).exists() else set()
+
+
+# ----------------------------------------------------------------------------------------------
+# The `models` source. Each step is a small function; the sample's randomness follows from
+# (seed, index), so reruns and ranks agree on what sample i is.
+
+def load_categories(path):
+    p = Path(path) if Path(path).is_absolute() else ROOT / path
+    if not p.exists():
+        raise SystemExit(f"category pool {p} not found")
+    names = [ln.strip() for ln in p.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    # Objects365 writes alternatives as "Cabinet/shelf": the detector gets the first, lowercased
+    return sorted({n.split("/")[0].strip().lower() for n in names})
+
+
+PLACES = ("a sunny park", "a kitchen counter", "a beach at sunset", "a snowy street", "a wooden table",
+          "a living room", "a forest path", "a city rooftop", "a desert road", "a library shelf")
+LOOKS = ("red", "blue", "green", "yellow", "striped", "spotted", "wooden", "metal", "fluffy", "shiny", "vintage",
+         "small", "large", "white", "black", "golden")
+EDITS = {"attribute": ("wearing a tiny hat", "painted bright purple", "wearing a scarf"),
+         "action": ("jumping in the air", "lying on its side", "spinning around")}
+PROMPT_REQUEST = (
+    "Write prompts for a text-to-image model. Subjects: {cats}. Reply with JSON only: "
+    '{{"scene": "<one photo with all subjects together, each with a distinctive appearance>", '
+    '"subjects": [{{"category": "<subject>", "prompt": "<that subject alone in a different place>"}}, ...]}}')
+INSTRUCTION_REQUEST = (
+    "This image shows: {cats}. Write one instruction that asks for this image given a reference photo of each "
+    "subject. {focus} Name every subject only by its category word ({cats}); never describe its colour, "
+    "material, pattern or other appearance. Reply with the instruction only.")
+
+
+def template_prompts(cats, rng):
+    """The no-model backend: an appearance word per subject in the scene, a new place for each."""
+    looks = [rng.choice(LOOKS) for _ in cats]
+    place = rng.choice(PLACES)
+    scene = "A photo of " + " and ".join(f"a {lk} {c}" for lk, c in zip(looks, cats)) + f" together in {place}."
+    subjects = [{"category": c, "prompt": f"A photo of a {lk} {c} alone in {rng.choice([p for p in PLACES if p != place])}."}
+                for lk, c in zip(looks, cats)]
+    return json.dumps({"scene": scene, "subjects": subjects})
+
+
+def parse_prompts(reply, cats):
+    """The first JSON object in the reply, with a scene and one prompt per asked category; else None."""
+    import re
+
+    m = re.search(r"\{.*\}", reply or "", re.S)
+    if not m:
+        return None
+    try:
+        obj = json.loads(m.group(0))
+    except json.JSONDecodeError:
+        return None
+    subj = obj.get("subjects") if isinstance(obj, dict) else None
+    if not isinstance(obj.get("scene") if isinstance(obj, dict) else None, str) or not isinstance(subj, list):
+        return None
+    by_cat = {str(s.get("category", "")).strip().lower(): s.get("prompt") for s in subj if isinstance(s, dict)}
+    if any(not isinstance(by_cat.get(c), str) for c in cats):
+        return None
+    return {"scene": obj["scene"], "subjects": [{"category": c, "prompt": by_cat[c]} for c in cats]}
+
+
+class TextModel:
+    """An LLM (text only) or VLM (text + one image) behind one call: template, local or endpoint."""
+
+    def __init__(self, spec, kind, model_name="", key="", device="cpu", tiny_dir="tiny-models", max_tokens=256):
+        self.spec, self.kind, self.model_name, self.key = spec, kind, model_name, key
+        self.device, self.max_tokens = device, max_tokens
+        if spec == "template" or spec.startswith(("http://", "https://")):
+            return
+        from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
+
+        path = spec
+        if spec == "tiny":
+            path = str(ensure_tiny_model(tiny_dir, "llm", tiny_llm)) if kind == "llm" else rewards_tiny("judge", tiny_dir)
+        self.tok = AutoTokenizer.from_pretrained(path)
+        if kind == "llm":
+            self.model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
+        else:
+            from transformers import Qwen2_5_VLForConditionalGeneration
+
+            self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path).to(device).eval()
+            self.ip = AutoImageProcessor.from_pretrained(path)
+
+    @torch.no_grad()
+    def __call__(self, prompt, image=None):
+        if self.spec.startswith(("http://", "https://")):
+            from rewards import chat_endpoint
+
+            return chat_endpoint(self.spec, self.model_name, prompt, image, self.key, 0.7, self.max_tokens,
+                                 retries=3, what=f"{self.kind} endpoint")
+        if self.kind == "llm":
+            text = self.tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                tokenize=False)
+            enc = self.tok([text], return_tensors="pt").to(self.device)
+        else:
+            from rewards import vl_inputs
+
+            enc = vl_inputs(self.tok, self.ip, [image], [prompt], self.device)
+        out = self.model.generate(**enc, max_new_tokens=self.max_tokens, do_sample=False)
+        return self.tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def rewards_tiny(name, tiny_dir):
+    from rewards import tiny_path
+
+    return tiny_path(name, tiny_dir)
+
+
+def tiny_llm(folder, seed=0):
+    """A tiny random Qwen2 causal LM with the tiny Qwen tokenizer: the local LLM backend's stand-in."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(rewards_tiny("judge", Path(folder).parent))
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+
+def write_prompts(llm, cats, rng, retries):
+    """Scene and per-subject prompts; a reply that does not parse is asked again, then the sample drops."""
+    for _ in range(retries):
+        reply = template_prompts(cats, rng) if llm.spec == "template" else llm(PROMPT_REQUEST.format(cats=", ".join(cats)))
+        parsed = parse_prompts(reply, cats)
+        if parsed is not None:
+            return parsed
+    return None
+
+
+STOP = {"a", "an", "the", "of", "and", "with", "in", "on", "at", "photo", "together", "its", "their", "two", "three",
+        "four", "one", "some", "very", "is", "are"}
+
+
+def appearance_words(scene, cats):
+    """Words the scene prompt uses to describe each subject: up to three words before its category."""
+    import re
+
+    words = re.findall(r"[a-z]+", scene.lower())
+    found = set()
+    for c in cats:
+        head = c.split()[-1]
+        for i, w in enumerate(words):
+            if w == head:
+                found |= {x for x in words[max(0, i - 3): i] if x not in STOP and x not in c.split()}
+    return found
+
+
+def leaked_words(instruction, words):
+    import re
+
+    return sorted(set(re.findall(r"[a-z]+", instruction.lower())) & set(words))
+
+
+def remove_words(instruction, words):
+    import re
+
+    out = instruction
+    for w in words:
+        out = re.sub(rf"\b{re.escape(w)}\b\s*", "", out, flags=re.I)
+    return re.sub(r"\s+", " ", out).strip()
+
+
+def check_instruction(instruction, cats, appearance):
+    """(instruction or None, reason): rewrite a leaking one without the leaked words; drop it if the
+    rewrite still leaks or if a subject's category is missing."""
+    if not instruction or not instruction.strip():
+        return None, "instruction_empty"
+    leaks = leaked_words(instruction, appearance)
+    if leaks:
+        instruction = remove_words(instruction, leaks)
+        if leaked_words(instruction, appearance):
+            return None, "appearance_leak"
+    if any(c.split()[-1] not in instruction.lower() for c in cats):
+        return None, "instruction_missing_subject"
+    return instruction, "rewritten" if leaks else "ok"
+
+
+def template_instruction(task, cats, edit):
+    listed = ", ".join(f"the {c}" for c in cats[:-1]) + f" and the {cats[-1]}"
+    if task in ("attribute", "action", "complex") and edit:
+        return f"Show {listed} together, with the {edit[0]} {edit[1]}."
+    if task == "background":
+        return f"Place {listed} together in a new place."
+    if task == "position":
+        return f"Put the {cats[0]} to the left of the {cats[1]}."
+    return f"Show {listed} together in one picture."
+
+
+def filter_boxes(det, cats, size, exact_once, min_box_frac):
+    """One box per category, or the drop reason."""
+    boxes = []
+    for c in cats:
+        found = det.get(c, [])
+        if not found:
+            return None, "not_found"
+        if exact_once and len(found) > 1:
+            return None, "found_multiple"
+        box = found[0][0]
+        if (box[2] - box[0]) * (box[3] - box[1]) < min_box_frac * size[0] * size[1]:
+            return None, "box_too_small"
+        boxes.append(box)
+    return boxes, "ok"
+
+
+@dataclass
+class Models:
+    llm: object
+    vlm: object
+    t2i: object
+    kontext: object
+    detector: object
+    embed: object
+
+
+def load_models(cfg, device):
+    from diffusers import FluxKontextPipeline, FluxPipeline
+
+    import rewards
+
+    dtype = model_dtype(device)
+    t2i_path = resolve_model(cfg.t2i, cfg.tiny_dir)
+    return Models(
+        llm=TextModel(cfg.llm, "llm", cfg.llm_model, cfg.llm_key, device, cfg.tiny_dir),
+        vlm=TextModel(cfg.vlm, "vlm", cfg.vlm_model, cfg.llm_key, device, cfg.tiny_dir),
+        t2i=FluxPipeline.from_pretrained(t2i_path, dtype=dtype).to(device),
+        kontext=FluxKontextPipeline.from_pretrained(resolve_model(cfg.model, cfg.tiny_dir), dtype=dtype).to(device),
+        detector=rewards.Detector(cfg.detector, device, cfg.box_threshold, cfg.text_threshold, cfg.tiny_dir),
+        embed=rewards.DinoEmbedder(cfg.dino, device, cfg.tiny_dir))
+
+
+def render(pipe, cfg, prompt, seed, image=None, guidance=3.5):
+    g = torch.Generator().manual_seed(seed)
+    kw = dict(prompt=prompt, height=cfg.resolution, width=cfg.resolution, num_inference_steps=cfg.gen_steps,
+              guidance_scale=guidance, max_sequence_length=cfg.max_text_len, generator=g)
+    if image is not None:  # Kontext: keep our resolution instead of its preferred ones
+        kw.update(image=image, _auto_resize=False, max_area=cfg.resolution * cfg.resolution)
+    return pipe(**kw).images[0]
+
+
+def model_sample(index, cfg, models, cats_pool, timing):
+    """One sample through every step; returns (sample tuple, "ok") or (None, drop reason)."""
+    from rewards import crop
+
+    rng = random.Random(f"{cfg.seed}-{index + cfg.id_offset}")
+    task = rng.choices(TASKS, weights=cfg.task_mix)[0]
+    n = {"three": 3, "four": 4}.get(task, 2)
+    cats = rng.sample(cats_pool, n)
+    seed = cfg.seed * 1_000_003 + index + cfg.id_offset
+
+    def step(name, fn, *a):
+        t0 = time.time()
+        out = fn(*a)
+        timing[name] = timing.get(name, 0.0) + time.time() - t0
+        return out
+
+    prompts = step("prompts", write_prompts, models.llm, cats, rng, cfg.llm_retries)
+    if prompts is None:
+        return None, "llm_unparseable"
+    scene = step("scene", render, models.t2i, cfg, prompts["scene"], seed, None, cfg.t2i_guidance)
+    det = step("detect", models.detector, [scene], [cats])[0]
+    boxes, why = filter_boxes(det, cats, scene.size, cfg.exact_once, cfg.min_box_frac)
+    if boxes is None:
+        return None, why
+    crops = [crop(scene, b) for b in boxes]
+    refs = [step("reference", render, models.kontext, cfg, s["prompt"], seed + 1 + k, c.resize(scene.size),
+                 cfg.edit_guidance) for k, (s, c) in enumerate(zip(prompts["subjects"], crops))]
+    sims = step("dino_filter", lambda: (models.embed(refs) * models.embed(crops)).sum(-1).tolist())
+    if min(sims) < cfg.min_dino:
+        return None, "ref_dissimilar"
+    edit, target = None, scene
+    if task in ("attribute", "action", "complex"):
+        k = rng.randrange(n)
+        edit = (cats[k], rng.choice(EDITS["action" if task == "action" else "attribute"]))
+        target = step("edit", render, models.kontext, cfg, f"Make the {edit[0]} {edit[1]}.", seed + 7, scene,
+                      cfg.edit_guidance)
+    focus = {"position": "Say where each subject is relative to the others.",
+             "background": "Describe the setting."}.get(task, "Mention what each subject is doing or wearing.")
+    if models.vlm.spec == "template":
+        raw = template_instruction(task, cats, edit)
+    else:
+        raw = step("instruction", models.vlm, INSTRUCTION_REQUEST.format(cats=", ".join(cats), focus=focus), target)
+    instruction, why = check_instruction(raw, cats, appearance_words(prompts["scene"], cats))
+    if instruction is None:
+        return None, why
+    sid = f"{task}-{index + cfg.id_offset:07d}"
+    meta = {"source": "models", "scene_prompt": prompts["scene"], "subject_prompts": [s["prompt"] for s in prompts["subjects"]],
+            "boxes": [[round(v, 1) for v in b] for b in boxes], "dino": [round(x, 4) for x in sims], "edit": edit,
+            "instruction_check": why}
+    subjects = [{"category": c} for c in cats]
+    return (sid, task, instruction, subjects, target, refs, meta), "ok"
+
+
+def make_models(cfg, out, device):
+    """Runs the model pipeline over this rank's ids; finished and dropped ids are both skipped on rerun."""
+    models = load_models(cfg, device)
+    pool = load_categories(cfg.categories)
+    shard_file = Path(out) / f"samples.rank{rank():03d}.jsonl"
+    drop_file = Path(out) / f"drops.rank{rank():03d}.jsonl"
+    done = existing_ids(out) | existing_ids_file(shard_file)
+    dropped = {r["index"] for p in Path(out).glob("drops.rank*.jsonl") for r in read_jsonl(p)}
+    timing, made, drops = {}, 0, {}
+    for i in tqdm(range(rank(), cfg.n_samples, world()), desc=f"models (rank {rank()})", disable=rank() != 0):
+        prefix = f"-{i + cfg.id_offset:07d}"
+        if i in dropped or any(d.endswith(prefix) for d in done):
+            continue
+        try:
+            sample, why = model_sample(i, cfg, models, pool, timing)
+        except (OSError, ValueError) as e:  # a corrupt image or file: counted, the run goes on
+            sample, why = None, f"error: {type(e).__name__}"
+        if sample is None:
+            drops[why] = drops.get(why, 0) + 1
+            append_jsonl(drop_file, {"index": i, "reason": why})
+            continue
+        write_sample(out, *sample, shard_file)
+        made += 1
+        if made == cfg.die_after:
+            os.kill(os.getpid(), 9)
+    return made, drops, timing
+
+
+def drop_summary(out):
+    counts = {}
+    for p in Path(out).glob("drops.rank*.jsonl"):
+        for r in read_jsonl(p):
+            counts[r["reason"]] = counts.get(r["reason"], 0) + 1
+    return counts
 
 
 def preview(out, n):
@@ -275,12 +637,26 @@ def main(cfg):
     device = setup_dist(cfg.device)
     out = Path(cfg.out or ROOT / "data" / (cfg.preset or "run"))
     print_config(cfg, "make_data", out)
-    if cfg.source != "procedural":
-        raise SystemExit(f"--source {cfg.source!r} is not available; this build has: procedural")
-    made, secs = make_procedural(cfg, out)
+    t0 = time.time()
+    timing = {}
+    if cfg.source == "procedural":
+        made, secs = make_procedural(cfg, out)
+    elif cfg.source == "models":
+        made, _, timing = make_models(cfg, out, device)
+        secs = time.time() - t0
+    else:
+        raise SystemExit(f"--source must be procedural or models, got {cfg.source!r}")
     barrier()
     if rank() == 0:
         samples = merge_rank_files(out)
+        if cfg.source == "models":
+            drops = drop_summary(out)
+            write_json(Path(out) / "manifest.json", {"samples": len(samples), "dropped": drops,
+                                                     "seconds_this_run": {k: round(v, 3) for k, v in timing.items()}})
+            per = {k: round(v / max(made + sum(drops.values()), 1), 3) for k, v in timing.items()}
+            print(f"[make_data] dropped by reason: {drops}; seconds per attempted sample by step: {per}")
+        if not samples:
+            raise SystemExit(f"[make_data] no sample survived in {out}: see the drop reasons above")
         if cfg.cache:
             m = load_kontext(cfg.model, device, model_dtype(device), cfg.tiny_dir)
             t1 = time.time()
@@ -290,7 +666,7 @@ def main(cfg):
             cache_s = 0.0
         counts = {t: sum(s["task"] == t for s in samples) for t in TASKS}
         print(f"[make_data] {len(samples)} samples in {out} ({made} made this run, "
-              f"{secs / max(made, 1):.3f}s/sample drawing, cache {cache_s:.1f}s); by task {counts}")
+              f"{secs / max(made, 1):.3f}s per made sample, cache {cache_s:.2f}s); by task {counts}")
         if cfg.preview:
             print(f"[make_data] preview: {preview(out, cfg.preview)}")
     barrier()

@@ -508,33 +508,39 @@ def image_data_url(image):
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def chat_endpoint(url, model, prompt, image=None, key="", temperature=0.2, max_tokens=512, retries=4,
+                  timeout=120.0, backoff=1.0, what="endpoint"):
+    """One user turn (an optional image, then text) to an OpenAI-compatible /chat/completions;
+    retries with exponential backoff, then a clear error naming the URL."""
+    url = url.rstrip("/") + "/chat/completions"
+    content = [{"type": "text", "text": prompt}]
+    if image is not None:
+        content.insert(0, {"type": "image_url", "image_url": {"url": image_data_url(image)}})
+    body = json.dumps({"model": model, "temperature": temperature, "max_tokens": max_tokens,
+                       "messages": [{"role": "user", "content": content}]}).encode()
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    err = None
+    for attempt in range(retries):
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, data=body, headers=headers), timeout=timeout) as r:
+                return json.loads(r.read())["choices"][0]["message"]["content"]
+        except (urllib.error.URLError, OSError, KeyError, ValueError) as e:
+            err = e
+            if attempt + 1 < retries:
+                time.sleep(backoff * 2 ** attempt)
+    raise RuntimeError(f"{what} {url} failed after {retries} tries: {err}")
+
+
 class EndpointJudge:
     """Any OpenAI-compatible chat endpoint (vLLM, sglang, ...): concurrent requests, retries with backoff."""
 
     def __init__(self, url, model, key="", concurrency=16, max_tokens=512, retries=4, timeout=120.0, backoff=1.0):
-        self.url = url.rstrip("/") + "/chat/completions"
-        self.model, self.key, self.concurrency = model, key, concurrency
+        self.url, self.model, self.key, self.concurrency = url, model, key, concurrency
         self.max_tokens, self.retries, self.timeout, self.backoff = max_tokens, retries, timeout, backoff
 
     def _ask(self, image, prompt):
-        body = json.dumps({"model": self.model, "temperature": 0.2, "max_tokens": self.max_tokens,
-                           "messages": [{"role": "user", "content": [
-                               {"type": "image_url", "image_url": {"url": image_data_url(image)}},
-                               {"type": "text", "text": prompt}]}]}).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.key:
-            headers["Authorization"] = f"Bearer {self.key}"
-        err = None
-        for attempt in range(self.retries):
-            try:
-                req = urllib.request.Request(self.url, data=body, headers=headers)
-                with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                    return json.loads(r.read())["choices"][0]["message"]["content"]
-            except (urllib.error.URLError, OSError, KeyError, ValueError) as e:
-                err = e
-                if attempt + 1 < self.retries:
-                    time.sleep(self.backoff * 2 ** attempt)
-        raise RuntimeError(f"judge endpoint {self.url} failed after {self.retries} tries: {err}")
+        return chat_endpoint(self.url, self.model, prompt, image, self.key, 0.2, self.max_tokens, self.retries,
+                             self.timeout, self.backoff, what="judge endpoint")
 
     def __call__(self, images, prompts):
         with cf.ThreadPoolExecutor(self.concurrency) as pool:

@@ -366,7 +366,7 @@ def load_kontext(name, device="cpu", dtype=torch.float32, tiny_dir="tiny-models"
 
     path = resolve_model(name, tiny_dir)
     device = torch.device(device)
-    kw = dict(torch_dtype=dtype)
+    kw = dict(dtype=dtype)
     m = Kontext(
         transformer=FluxTransformer2DModel.from_pretrained(path, subfolder="transformer", **kw),
         vae=AutoencoderKL.from_pretrained(path, subfolder="vae", **kw),
