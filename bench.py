@@ -33,7 +33,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 import sft
-from sft import ROOT, barrier, image_grid, parse_config, rank, save_png, world, write_json
+from sft import ROOT, barrier, image_grid, parse_config, rank, run_stage, save_png, world, write_json
 
 SUBSETS = ("Attribute", "Action", "Background", "Position", "Complex", "Three", "Four")
 DIMENSIONS = ("subject_consistency", "subject_consistency_strict", "semantic_alignment", "aesthetics")
@@ -62,6 +62,7 @@ class Config:
     tiny_items: int = 2           # items per subset in the tiny PSRBench
     tiny_dir: str = "tiny-models"
     device: str = ""
+    die_after: int = 0            # fault injection for tests: SIGKILL after generating this many images
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,12 +177,18 @@ def generate_all(cfg, bench, folder, out, device):
     m = sft.load_kontext(cfg.model, device, sft.model_dtype(device), cfg.tiny_dir)
     for k, lora in enumerate(resolve_loras(cfg, cfg.preset or "run")):
         sft.load_lora_into(m.transformer, lora, fuse=True, name=f"l{k}")
+    made = 0
     for subset, i, item in tqdm(mine, desc="generate", disable=rank() != 0):
         refs = [sft.open_image(folder, p, f"{subset}/{i}") for p in item["input_path"]]
         image = sft.generate(m, [item["instruction"]], [refs], cfg.resolution, cfg.resolution, cfg.steps,
                              cfg.guidance, cfg.seed + i, cfg.pe, cfg.max_text_len)[0]
         save_png(result_path(cfg, out, subset, i, item), image)
-    return len(mine)
+        made += 1
+        if made == cfg.die_after:
+            import os
+
+            os.kill(os.getpid(), 9)
+    return made
 
 
 # ----------------------------------------------------------------------------------------------
@@ -428,6 +435,7 @@ def main(cfg):
     name = cfg.preset or "run"
     out = Path(cfg.out or ROOT / "runs" / f"{name}-bench")
     sft.print_config(cfg, "bench", out)
+    sft.ensure_writable(out, "bench")
     if cfg.compare:
         models = [(Path(p).parent.name, json.loads(Path(p).read_text())) for p in cfg.compare.split(",")]
         if rank() == 0:
@@ -472,4 +480,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main(parse_config(Config, "bench"))
+    run_stage("bench", main, parse_config(Config, "bench"))

@@ -37,9 +37,9 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from sft import (ROOT, TASKS, append_jsonl, barrier, build_cache, ensure_tiny_model, image_grid, load_kontext,
-                 load_samples, model_dtype, parse_config, print_config, rank, read_jsonl, resolve_model, save_png,
-                 setup_dist, world, write_json)
+from sft import (ROOT, TASKS, append_jsonl, barrier, build_cache, ensure_tiny_model, ensure_writable, image_grid,
+                 load_kontext, load_samples, model_dtype, parse_config, print_config, rank, read_jsonl, resolve_model,
+                 run_stage, save_png, setup_dist, world, write_json)
 
 
 @dataclass
@@ -637,6 +637,7 @@ def main(cfg):
     device = setup_dist(cfg.device)
     out = Path(cfg.out or ROOT / "data" / (cfg.preset or "run"))
     print_config(cfg, "make_data", out)
+    ensure_writable(out, "make_data")
     t0 = time.time()
     timing = {}
     if cfg.source == "procedural":
@@ -674,4 +675,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main(parse_config(Config, "make_data"))
+    run_stage("make_data", main, parse_config(Config, "make_data"))

@@ -428,7 +428,11 @@ def rollout_overhead(m, samples, cache, cfg):
 def prepare_policy(m, cfg, sft_lora):
     """SFT LoRA fused into the base, then a fresh RL LoRA; its parameters are returned."""
     if sft_lora is not None:
-        sft.load_lora_into(m.transformer, sft_lora, fuse=True)
+        try:
+            sft.load_lora_into(m.transformer, sft_lora, fuse=True)
+        except (RuntimeError, ValueError) as e:  # shapes of another model
+            raise SystemExit(f"{sft_lora} does not fit the model {m.path} ({type(e).__name__}: {str(e)[:200]}): "
+                             f"rerun `python sft.py` with this model, or pass --sft_lora")
     params = sft.add_lora(m.transformer, cfg.lora_rank, cfg.lora_alpha, cfg.seed, name="rl")
     m.transformer.set_adapter("rl")
     return params
@@ -441,6 +445,7 @@ def main(cfg):
     out = Path(cfg.out or ROOT / "runs" / f"{name}-rl")
     sft_lora = None if cfg.sft_lora == "none" else Path(cfg.sft_lora or ROOT / "runs" / f"{name}-sft" / "lora")
     sft.print_config(cfg, "rl", out)
+    sft.ensure_writable(out, "rl")
     if sft_lora is not None and not (sft_lora / "pytorch_lora_weights.safetensors").exists():
         raise SystemExit(f"{sft_lora} has no pytorch_lora_weights.safetensors: run `python sft.py --preset {name}` "
                          f"first (or pass --sft_lora none to start from the base model)")
@@ -493,4 +498,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main(sft.parse_config(Config, "rl"))
+    sft.run_stage("rl", main, sft.parse_config(Config, "rl"))

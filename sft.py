@@ -19,6 +19,7 @@ Any knob can be overridden: `python sft.py --preset tiny --lr 3e-5 --steps 100`.
 
 import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -158,6 +159,35 @@ def atomic_path(path):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+WRITE_ERRORS = {errno.ENOSPC: "no space left", errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                errno.EDQUOT: "disk quota exceeded", errno.EFBIG: "file too large"}
+
+
+def ensure_writable(folder, stage):
+    """Fails early, naming the folder, when a stage cannot write its outputs."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(folder / ".write-check") as tmp:
+            tmp.write_text("ok")
+        (folder / ".write-check").unlink()
+    except OSError as e:
+        raise SystemExit(f"[{stage}] cannot write to {folder}: {e.strerror}. Choose another --out or free the disk.")
+
+
+def run_stage(stage, fn, cfg):
+    """Runs a stage's main; a failed write (disk full, read-only) becomes one clear line. Finished
+    outputs stay as they were: every write goes to a temp file first and is renamed when whole."""
+    try:
+        return fn(cfg)
+    except OSError as e:
+        if e.errno not in WRITE_ERRORS:
+            raise
+        raise SystemExit(f"[{stage}] {WRITE_ERRORS[e.errno]} while writing {e.filename or 'an output'}; "
+                         f"outputs finished before this point are intact. Free space or choose another --out, "
+                         f"then rerun the same command to resume.")
 
 
 def write_text(path, text):
@@ -331,17 +361,25 @@ def save_components(components, folder, pipeline_class):
 
 
 def ensure_tiny_model(tiny_dir, name, builder):
-    """Builds `tiny_dir/name` once (into a temp folder, renamed when whole) and returns its path."""
+    """Builds `tiny_dir/name` once and returns its path. Rank 0 builds (libraries save only on the
+    main process under torch.distributed) into a temp folder, renamed when whole; other ranks wait."""
     folder = Path(tiny_dir)
     if not folder.is_absolute():
         folder = ROOT / folder
     target = folder / name
-    if (target / "model_index.json").exists() or (target / "config.json").exists():
+    if (target / ".complete").exists():
         return target
+    if rank() != 0:
+        for _ in range(6000):
+            if (target / ".complete").exists():
+                return target
+            time.sleep(0.1)
+        raise RuntimeError(f"rank {rank()} waited 10 minutes for rank 0 to build {target}")
     folder.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".{name}."))
     try:
         builder(tmp)
+        (tmp / ".complete").write_text("built by psr-ref\n")
         try:
             os.rename(tmp, target)
         except OSError:  # another process finished first; theirs is identical (same seed)
@@ -937,6 +975,7 @@ def train(cfg):
     data_dir = Path(cfg.data or ROOT / "data" / name)
     out = Path(cfg.out or ROOT / "runs" / f"{name}-sft")
     print_config(cfg, "sft", out)
+    ensure_writable(out, "sft")
     m = load_kontext(cfg.model, device, model_dtype(device), cfg.tiny_dir)
     use_kernels(m.transformer, cfg.kernels)
     samples, cache = load_dataset(m, data_dir, cfg.resolution, cfg.max_text_len)
@@ -1015,4 +1054,4 @@ def use_kernels(transformer, kind):
 
 
 if __name__ == "__main__":
-    train(parse_config(Config, "sft"))
+    run_stage("sft", train, parse_config(Config, "sft"))

@@ -1,0 +1,118 @@
+"""The stages as one pipeline: the README's run command, kills and reruns, two ranks, a full disk."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import sft
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV = Path(sys.prefix)
+
+
+def repo_copy(tmp_path):
+    """The tracked files of this checkout in a fresh folder, as a new user would have them."""
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    if not files:  # not a git checkout: take the stage files
+        files = [p.relative_to(ROOT).as_posix() for p in ROOT.rglob("*")
+                 if p.is_file() and not any(part in (".venv", "data", "runs", "tiny-models", ".git") for part in p.parts)]
+    dst = tmp_path / "repo"
+    for f in files:
+        (dst / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / f, dst / f)
+    return dst
+
+
+def test_readme_run_command_finishes_with_all_subsets(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    assert "make tiny" in readme and "make test" in readme
+    repo = repo_copy(tmp_path)
+    # the environment this suite runs in stands for the one `make` would create ("-o": do not rebuild it)
+    res = subprocess.run(["make", "tiny", f"VENV={VENV}", "-o", f"{VENV}/.installed"], cwd=repo,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    scores = json.loads((repo / "runs" / "tiny-bench" / "scores.json").read_text())
+    assert set(scores["subsets"]) == {"Attribute", "Action", "Background", "Position", "Complex", "Three", "Four"}
+    assert scores["overall"]["failed"] == 0
+    assert "Report: runs/tiny-bench/report.md" in res.stdout
+    for stage in ("make_data", "sft", "rl", "bench"):
+        assert f"[tiny] {stage} took" in res.stdout
+
+
+def bench_cmd(out, *extra, nproc=1):
+    args = ["--preset", "tiny", "--lora", "none", "--steps", "2", "--out", str(out), "--subsets",
+            "Attribute,Position,Four", *extra]
+    if nproc == 1:
+        return [sys.executable, str(ROOT / "bench.py"), *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), str(ROOT / "bench.py"),
+            *args, "--device", "cpu"]
+
+
+def test_bench_killed_and_rerun_equals_uninterrupted(tmp_path, tiny_dir):
+    a = subprocess.run(bench_cmd(tmp_path / "a", "--tiny_dir", tiny_dir), capture_output=True, text=True, cwd=tmp_path)
+    assert a.returncode == 0, a.stderr[-2000:]
+    b = subprocess.run(bench_cmd(tmp_path / "b", "--tiny_dir", tiny_dir, "--die_after", "3"), capture_output=True,
+                       text=True, cwd=tmp_path)
+    assert b.returncode != 0 and not (tmp_path / "b" / "scores.json").exists()
+    b = subprocess.run(bench_cmd(tmp_path / "b", "--tiny_dir", tiny_dir), capture_output=True, text=True, cwd=tmp_path)
+    assert b.returncode == 0, b.stderr[-2000:]
+    assert "generated 3 images this run" in b.stdout  # 6 items: 3 before the kill, 3 after
+    sa, sb = (json.loads((tmp_path / d / "scores.json").read_text()) for d in "ab")
+    assert sa["subsets"] == sb["subsets"] and sa["overall"] == sb["overall"]
+    for p in (tmp_path / "a" / "images").rglob("*.png"):
+        assert p.read_bytes() == (tmp_path / "b" / p.relative_to(tmp_path / "a")).read_bytes()
+
+
+def test_bench_on_two_ranks_matches_one(tmp_path, tiny_dir):
+    one = subprocess.run(bench_cmd(tmp_path / "one", "--tiny_dir", tiny_dir), capture_output=True, text=True, cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run(bench_cmd(tmp_path / "two", "--tiny_dir", tiny_dir, nproc=2), capture_output=True, text=True,
+                         cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    s1, s2 = (json.loads((tmp_path / d / "scores.json").read_text()) for d in ("one", "two"))
+    for s in s1["subsets"]:
+        for k in ("subject_consistency", "subject_consistency_strict", "semantic_alignment", "aesthetics", "n"):
+            assert s2["subsets"][s][k] == pytest.approx(s1["subsets"][s][k], abs=1e-5)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {res.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)])
+
+
+def test_disk_full_is_a_clear_error_and_finished_samples_stay_whole(tmp_path, small_disk, tiny_dir):
+    from PIL import Image
+
+    out = small_disk / "data"
+    res = subprocess.run([sys.executable, str(ROOT / "make_data.py"), "--preset", "tiny", "--out", str(out),
+                          "--n_samples", "400", "--cache", "false", "--tiny_dir", tiny_dir],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode != 0
+    assert "[make_data] no space left while writing" in res.stderr and "rerun the same command" in res.stderr
+    rows = sft.read_jsonl(next(out.glob("samples*.jsonl")))
+    assert len(rows) > 5  # it did work before the disk filled
+    for r in rows:  # every listed sample has whole images
+        for rel in [r["target"]] + [s["ref"] for s in r["subjects"]]:
+            with Image.open(out / rel) as im:
+                im.load()
+
+
+def test_read_only_output_is_a_clear_error(tmp_path, small_disk, tiny_dir):
+    (small_disk / "runs").mkdir()
+    (small_disk / "runs" / "keep.txt").write_text("finished")
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    res = subprocess.run([sys.executable, str(ROOT / "sft.py"), "--preset", "tiny", "--out", str(small_disk / "runs"),
+                          "--tiny_dir", tiny_dir], capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode != 0
+    assert f"[sft] cannot write to {small_disk / 'runs'}: Read-only file system" in res.stderr
+    assert (small_disk / "runs" / "keep.txt").read_text() == "finished"
