@@ -824,30 +824,28 @@ def benchmark_batch(n, size=64, seed=123):
 
 
 def run_benchmark(cfg, device):
+    """The same batch scored batched and one image at a time, per term and in all; last line the speedup."""
     mix = build_reward_mix(cfg, device)
     images, refs, cats, instr = benchmark_batch(cfg.n_images, 64 if cfg.preset == "tiny" else 512)
-    mix.concurrent = False
-
-    def batched():
-        mix.batch_size = len(images)
-        return mix(images, refs, cats, instr)
-
-    def one_at_a_time():
-        mix.batch_size = 1
-        outs = [mix([im], [r], [c], [t]) for im, r, c, t in zip(images, refs, cats, instr)]
-        return {k: [o[k][0] for o in outs] for k in ("reward", "psr", "judge", "hps") if k in outs[0]}
-
-    batched()  # warm-up: first calls allocate
-    t0 = time.perf_counter()
-    a = batched()
-    t_batched = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    b = one_at_a_time()
-    t_single = time.perf_counter() - t0
-    diff = max(abs(x - y) for k in ("psr", "hps") if k in a for x, y in zip(a[k], b[k]))
-    print(f"[rewards] {len(images)} images x 2 subjects: batched {t_batched:.3f}s, one at a time {t_single:.3f}s, "
-          f"max |difference| of psr/hps {diff:.2e}")
-    print(f"speedup: {t_single / t_batched:.2f}")
+    terms = {"psr": lambda ims, rs, cs, ts, bs: psr_reward(ims, rs, cs, mix.detector, mix.embed, mix.mode, bs)["score"],
+             "judge": lambda ims, rs, cs, ts, bs: judge_scores(mix.judge, ims, ts, ["generic"] * len(ims),
+                                                               batch_size=bs)["score"],
+             "hps": lambda ims, rs, cs, ts, bs: mix.hps(ims, ts, bs)}
+    res, secs = {}, {}
+    for name, fn in terms.items():
+        fn(images[:2], refs[:2], cats[:2], instr[:2], 2)  # warm-up
+        t0 = time.perf_counter()
+        batched = fn(images, refs, cats, instr, len(images))
+        t1 = time.perf_counter()
+        single = [fn([im], [r], [c], [t], 1)[0] for im, r, c, t in zip(images, refs, cats, instr)]
+        t2 = time.perf_counter()
+        res[name], secs[name] = (batched, single), (t1 - t0, t2 - t1)
+        diff = max(abs(x - y) / max(1.0, abs(x)) for x, y in zip(batched, single))
+        print(f"[rewards] {name:5s}: batched {t1 - t0:.3f}s, one at a time {t2 - t1:.3f}s, "
+              f"x{(t2 - t1) / (t1 - t0):.2f}, max relative difference {diff:.1e}")
+    tb, ts = sum(v[0] for v in secs.values()), sum(v[1] for v in secs.values())
+    print(f"[rewards] {len(images)} images x 2 subjects, all three scorers: batched {tb:.3f}s, one at a time {ts:.3f}s")
+    print(f"speedup: {ts / tb:.2f}")
 
 
 def main(cfg):

@@ -116,3 +116,22 @@ def test_read_only_output_is_a_clear_error(tmp_path, small_disk, tiny_dir):
     assert res.returncode != 0
     assert f"[sft] cannot write to {small_disk / 'runs'}: Read-only file system" in res.stderr
     assert (small_disk / "runs" / "keep.txt").read_text() == "finished"
+
+
+def test_kontext_preset_is_the_papers_recipe():
+    import bench
+    import make_data
+    import rewards
+    import rl
+
+    s = sft.parse_config(sft.Config, "sft", ["--preset", "kontext", "--model", "/models/kontext"])
+    assert (s.model, s.lora_rank, s.lr, s.ref_probs, s.resolution, s.pe) == ("/models/kontext", 512, 1e-4,
+                                                                            (0.9, 0.05, 0.05), 512, "frame")
+    r = sft.parse_config(rl.Config, "rl", ["--preset", "kontext"])
+    assert (r.group_size, r.lr, r.lora_rank, r.steps, r.noise_level, r.clip_range) == (6, 1e-5, 64, 28, 0.7, 1e-4)
+    w = sft.parse_config(rewards.Config, "rewards", ["--preset", "kontext"])
+    assert w.weights == (0.4, 0.4, 0.2) and (w.box_threshold, w.text_threshold) == (0.35, 0.25)
+    d = sft.parse_config(make_data.Config, "make_data", ["--preset", "kontext", "--t2i", "/models/flux-dev"])
+    assert d.source == "models" and d.t2i == "/models/flux-dev" and d.dino == "facebook/dino-vits16"
+    b = sft.parse_config(bench.Config, "bench", ["--preset", "kontext"])
+    assert (b.steps, b.guidance, b.resolution) == (28, 2.5, 512)
