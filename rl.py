@@ -461,12 +461,11 @@ def main(cfg):
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     reward_fn = build_reward(cfg, device)
     ckpt = out / "checkpoint.pt"
-    start = 0
-    if ckpt.exists():
-        start = sft.load_checkpoint(ckpt, m.transformer, opt, name="rl")["step"]
-        if rank() == 0:
+    start = sft.load_checkpoint(ckpt, m.transformer, opt, name="rl")["step"] if ckpt.exists() else 0
+    if rank() == 0:
+        sft.truncate_log(out / "log.jsonl", start)  # iterations past the checkpoint run again
+        if start:
             print(f"[rl] resumed from {ckpt} at iteration {start}")
-            sft.truncate_log(out / "log.jsonl", start)
     first_eval = last_eval = None
     t_start = time.time()
     for it in tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="rl",

@@ -986,9 +986,10 @@ def train(cfg):
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     ckpt = out / "checkpoint.pt"
     start = load_checkpoint(ckpt, m.transformer, opt)["step"] if ckpt.exists() else 0
-    if start and rank() == 0:
-        print(f"[sft] resumed from {ckpt} at step {start}")
-        truncate_log(out / "log.jsonl", start)
+    if rank() == 0:
+        truncate_log(out / "log.jsonl", start)  # steps past the checkpoint are about to run again
+        if start:
+            print(f"[sft] resumed from {ckpt} at step {start}")
     model = m.transformer
     if world() > 1:
         model = torch.nn.parallel.DistributedDataParallel(

@@ -1,6 +1,7 @@
 """The stages as one pipeline: the README's run command, kills and reruns, two ranks, a full disk."""
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -55,12 +56,13 @@ def bench_cmd(out, *extra, nproc=1):
 def test_bench_killed_and_rerun_equals_uninterrupted(tmp_path, tiny_dir):
     a = subprocess.run(bench_cmd(tmp_path / "a", "--tiny_dir", tiny_dir), capture_output=True, text=True, cwd=tmp_path)
     assert a.returncode == 0, a.stderr[-2000:]
-    b = subprocess.run(bench_cmd(tmp_path / "b", "--tiny_dir", tiny_dir, "--die_after", "3"), capture_output=True,
-                       text=True, cwd=tmp_path)
+    kill_at = random.randint(1, 5)  # a random point after some work (6 items)
+    b = subprocess.run(bench_cmd(tmp_path / "b", "--tiny_dir", tiny_dir, "--die_after", str(kill_at)),
+                       capture_output=True, text=True, cwd=tmp_path)
     assert b.returncode != 0 and not (tmp_path / "b" / "scores.json").exists()
     b = subprocess.run(bench_cmd(tmp_path / "b", "--tiny_dir", tiny_dir), capture_output=True, text=True, cwd=tmp_path)
     assert b.returncode == 0, b.stderr[-2000:]
-    assert "generated 3 images this run" in b.stdout  # 6 items: 3 before the kill, 3 after
+    assert f"generated {6 - kill_at} images this run" in b.stdout, kill_at  # only the missing ones
     sa, sb = (json.loads((tmp_path / d / "scores.json").read_text()) for d in "ab")
     assert sa["subsets"] == sb["subsets"] and sa["overall"] == sb["overall"]
     for p in (tmp_path / "a" / "images").rglob("*.png"):

@@ -1,5 +1,6 @@
 import json
 import math
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -142,10 +143,12 @@ def test_killed_run_resumes_to_same_lora(tmp_path, tiny_data, tiny_dir):
     args = ("--reward", "test_rl:lr_contrast", "--iterations", "4", "--prompts_per_iter", "2")
     a = run_rl(tmp_path, tiny_data, tiny_dir, tmp_path / "a", *args)
     assert a.returncode == 0, a.stderr[-2000:]
-    b = run_rl(tmp_path, tiny_data, tiny_dir, tmp_path / "b", *args, "--die_at_iter", "2")
-    assert b.returncode != 0 and not (tmp_path / "b" / "lora").exists()
+    kill_at = random.randint(1, 3)  # a random iteration after some work
+    b = run_rl(tmp_path, tiny_data, tiny_dir, tmp_path / "b", *args, "--die_at_iter", str(kill_at))
+    assert b.returncode != 0 and not (tmp_path / "b" / "lora").exists(), kill_at
     b = run_rl(tmp_path, tiny_data, tiny_dir, tmp_path / "b", *args)
-    assert b.returncode == 0 and "resumed from" in b.stdout, b.stderr[-2000:]
+    assert b.returncode == 0 and f"resumed from {tmp_path / 'b' / 'checkpoint.pt'} at iteration {kill_at}" in b.stdout, \
+        b.stderr[-2000:]
     wa = load_file(tmp_path / "a" / "lora" / "pytorch_lora_weights.safetensors")
     wb = load_file(tmp_path / "b" / "lora" / "pytorch_lora_weights.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
