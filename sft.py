@@ -170,9 +170,10 @@ def ensure_writable(folder, stage):
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(folder / ".write-check") as tmp:
-            tmp.write_text("ok")
-        (folder / ".write-check").unlink()
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-check.")  # one per process: ranks check at once
+        os.write(fd, b"ok")
+        os.close(fd)
+        os.unlink(probe)
     except OSError as e:
         raise SystemExit(f"[{stage}] cannot write to {folder}: {e.strerror}. Choose another --out or free the disk.")
 
