@@ -22,7 +22,6 @@ Run:
 
 import json
 import math
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path

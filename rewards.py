@@ -22,7 +22,6 @@ items.json is a list of {"image", "refs": [...], "categories": [...], "instructi
 import ast
 import base64
 import concurrent.futures as cf
-import hashlib
 import importlib.util
 import io
 import itertools
@@ -32,16 +31,15 @@ import re
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tqdm.auto import tqdm
 
-from sft import ROOT, ensure_tiny_model, parse_config, print_config, write_json
+from sft import ensure_tiny_model, parse_config, print_config, write_json
 
 
 @dataclass

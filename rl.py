@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 import sft
 from sft import (ROOT, append_jsonl, autocast, barrier, decode_latents, image_grid, open_image, pack, rank,
-                 save_png, tensor_to_pil, unpack, velocity, world)
+                 save_png, tensor_to_pil, velocity, world)
 
 
 @dataclass

@@ -1,6 +1,5 @@
 import http.server
 import json
-import os
 import random
 import subprocess
 import sys

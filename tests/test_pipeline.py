@@ -1,6 +1,5 @@
 """The stages as one pipeline: the README's run command, kills and reruns, two ranks, a full disk."""
 import json
-import os
 import random
 import shutil
 import subprocess
