@@ -20,6 +20,7 @@ import argparse
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -258,7 +259,8 @@ def main():
                 try:
                     record({**profile_sft(m, n_refs, res, args, k), "lora_rank": rank_})
                 except Exception as e:  # reported; a CUDA fault ends the process, so phases run apart
-                    record({"phase": f"sft-{n_refs}", "kernels": k, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+                    record({"phase": f"sft-{n_refs}", "kernels": k, "error": f"{type(e).__name__}: {str(e)[:300]}",
+                        "where": traceback.format_exc()[-1500:]})
                     raise
         m.transformer.delete_adapters("sft")
     if "rl" in phases:  # a fresh rank-64 LoRA (in a real run the SFT LoRA is fused into the base first)
@@ -268,7 +270,8 @@ def main():
         try:
             record(profile_rl(m, res, args, args.rl_kernels, params, opt))
         except Exception as e:
-            record({"phase": "rl", "kernels": args.rl_kernels, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            record({"phase": "rl", "kernels": args.rl_kernels, "error": f"{type(e).__name__}: {str(e)[:300]}",
+                            "where": traceback.format_exc()[-1500:]})
             raise
     if "rewards" in phases:
         from PIL import Image
@@ -280,7 +283,8 @@ def main():
             images = [Image.new("RGB", (res, res), (40 * i, 90, 160)) for i in range(args.group)]
             record(profile_rewards(mix, images, args.device))
         except Exception as e:
-            record({"phase": "rewards", "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            record({"phase": "rewards", "error": f"{type(e).__name__}: {str(e)[:300]}",
+                            "where": traceback.format_exc()[-1500:]})
             raise
 
 

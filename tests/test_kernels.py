@@ -133,3 +133,23 @@ def test_group_advantages_matches_reference():
 def test_rope_attention_cuda_kontext_like(dtype, n_refs):
     # 512 text + 32x32 target + refs at reduced width: the real sequence structure, odd tails included
     check_attention(dtype, 1, 4, 128, 77, (24, 24), [(24, 24)] * n_refs, "cuda")
+
+
+def test_profile_script_runs_small_on_cpu(tmp_path, tiny_dir):
+    """kernels/profile_kontext.py at reduced width and depth: every phase runs and reports numbers."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "profile.json"
+    res = subprocess.run([sys.executable, str(root / "kernels" / "profile_kontext.py"), "--small", "--device", "cpu",
+                          "--kernels", "torch", "--rl-kernels", "torch", "--out", str(out)],
+                         capture_output=True, text=True, cwd=root, env={**__import__("os").environ, "TRITON_INTERPRET": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = {r["phase"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) >= {"build", "sft-2", "sft-3", "sft-4", "rl", "reward-build", "rewards"}
+    assert not any("error" in r for r in rows.values())
+    assert rows["sft-4"]["seq_len"] > rows["sft-2"]["seq_len"] and rows["sft-2"]["seconds"] > 0
+    assert rows["rl"]["ratio_first"] == 1.0 and rows["rl"]["images"] == 2

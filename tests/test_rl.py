@@ -107,6 +107,24 @@ def test_ratio_is_one_on_fresh_rollouts(tiny_dir, tiny_data):
         assert torch.allclose(ratio, torch.ones(4), atol=1e-5, rtol=0), (j, ratio)
 
 
+def test_one_update_moves_log_probs_with_the_advantage(tiny_dir, tiny_data):
+    """The PPO step raises the log-probability of every positive-advantage sample's trajectory and
+    lowers every negative one's (summed over the trained steps)."""
+    m, samples, cache, params = tiny_policy(tiny_dir, tiny_data)
+    cfg = rl.Config(resolution=64, steps=6, group_size=8, lr=1e-2)
+    opt = torch.optim.AdamW(params, lr=cfg.lr)
+    inputs = rl.encode_prompt(m, cache, samples[0], m.device)
+    lat, lps, sigmas, _ = rl.rollout(m, m.transformer, inputs, list(range(8)), cfg)
+    adv = torch.tensor([1.0, -1.0] * 4)
+    mask = torch.ones(8, dtype=torch.bool)
+    ro = {"inputs": inputs, "latents": lat, "log_probs": lps, "sigmas": sigmas, "advantages": adv, "train_mask": mask}
+    stats = rl.update(m, params, opt, [ro], cfg)
+    assert stats["ratio_first"] == pytest.approx(1.0, abs=1e-5) and stats["trained_samples"] == 8
+    with torch.no_grad():
+        delta = sum(torch.log(rl.step_loss(m, m.transformer, ro, j, adv, mask, cfg)[1]) for j in range(cfg.steps - 1))
+    assert torch.all(delta[adv > 0] > 0) and torch.all(delta[adv < 0] < 0), delta
+
+
 def run_rl(tmp, tiny_data, tiny_dir, out, *extra, nproc=1):
     base = ["--preset", "tiny", "--data", str(tiny_data), "--out", str(out), "--tiny_dir", tiny_dir,
             "--sft_lora", "none", "--n_eval", "2", "--eval_every", "0", "--measure_overhead", "false", *extra]
