@@ -445,8 +445,8 @@ def main(cfg):
         return dreambench(cfg, out, device) if rank() == 0 else None
     t0 = time.time()
     if not cfg.psrbench:
-        if cfg.preset != "tiny":
-            raise SystemExit("give --psrbench DIR (the authors' PSRBench folder)")
+        if cfg.model != "tiny":
+            raise SystemExit("give --psrbench DIR (the authors' PSRBench folder); only the tiny presets build their own")
         folder = out / "psrbench"
         if rank() == 0:
             build_tiny_psrbench(folder, cfg.tiny_items, cfg.resolution)
