@@ -573,14 +573,18 @@ def velocity(m, x_t, refs, sigma, t5, pooled, target_hw, ref_hws, pe="frame", gu
 # ----------------------------------------------------------------------------------------------
 # Sampler: flow-matching Euler with Flux's resolution-dependent shift.
 
-def sampling_sigmas(m, steps, seq_len):
-    """The schedule FluxKontextPipeline uses: linspace(1, 1/steps) shifted by mu(seq_len), then 0."""
+def flux_mu(m, seq_len):
+    """Flux's resolution-dependent shift: more image tokens, more time at high noise."""
     from diffusers.pipelines.flux.pipeline_flux_kontext import calculate_shift
 
     cfg = m.scheduler.config
-    mu = calculate_shift(seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
-                         cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
-    m.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu, device="cpu")
+    return calculate_shift(seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                           cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+
+
+def sampling_sigmas(m, steps, seq_len):
+    """The schedule FluxKontextPipeline uses: linspace(1, 1/steps) shifted by mu(seq_len), then 0."""
+    m.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=flux_mu(m, seq_len), device="cpu")
     return m.scheduler.sigmas.float().clone()  # steps + 1 values, the last one 0
 
 
@@ -794,11 +798,7 @@ def draw_batch(samples, step, batch_size, ref_probs, seed):
 
 def shift_sigmas(u, seq_len, m):
     """Training sigmas follow the sampler's shift, so training sees the noise levels inference visits."""
-    from diffusers.pipelines.flux.pipeline_flux_kontext import calculate_shift
-
-    cfg = m.scheduler.config
-    mu = calculate_shift(seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
-                         cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+    mu = flux_mu(m, seq_len)
     return math.exp(mu) / (math.exp(mu) + (1 / u - 1))
 
 
