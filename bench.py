@@ -200,9 +200,8 @@ def score_item(mix, folder, image_path, subset, index, item):
         image = im.convert("RGB")
     refs = [sft.open_image(folder, p, f"{subset}[{index}]") for p in item["input_path"]]
     cats = categories_of(item)
-    row = {}
-    for mode, key in (("official", "subject_consistency"), ("strict", "subject_consistency_strict")):
-        row[key] = rewards.psr_reward([image], [refs], [cats], mix.detector, mix.embed, mode)["score"][0]
+    psr = rewards.psr_reward([image], [refs], [cats], mix.detector, mix.embed, ("official", "strict"))
+    row = {"subject_consistency": psr["official"]["score"][0], "subject_consistency_strict": psr["strict"]["score"][0]}
     if subset == "Position":
         det = mix.detector([image], [cats[:2]])[0]
         b1, b2 = (det.get(c.strip().lower(), []) for c in cats[:2])

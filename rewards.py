@@ -387,55 +387,63 @@ def psr_reward(images, refs, categories, detector, embed, mode="strict", batch_s
     """Per image: mean over subjects of cos(DINO(generated crop i), DINO(reference crop i)).
 
     images: list of PIL; refs: list (per image) of lists of PIL; categories: same shape as refs.
-    Returns {"score": [B], "per_subject": [[...], ...], "found": [[bool, ...], ...]}.
+    Returns {"score": [B], "per_subject": [[...], ...], "found": [[bool, ...], ...]}. `mode` may
+    also be a tuple of modes: detection and embedding then run once and {mode: result} comes back.
     """
-    if mode not in ("strict", "official"):
+    modes = (mode,) if isinstance(mode, str) else tuple(mode)
+    if any(md not in ("strict", "official") for md in modes):
         raise ValueError(f"mode must be strict or official, got {mode!r}")
-    bs = batch_size or max(1, len(images))
     ref_feats = reference_features(refs, categories, detector, embed)
-    dets = detector(images, categories, batch_size=bs)
-    gen_crops, owner = [], []  # owner: (image, subject, box index) for each generated crop
+    dets = detector(images, categories, batch_size=batch_size or max(1, len(images)))
+    # every detected box of every asked category, plus the whole image for official's fallback
+    regions, where = [], {}  # where[(image, category)]: rows of its boxes, best first; (image, None): whole
     for i, (im, cats, det) in enumerate(zip(images, categories, dets)):
-        if mode == "official":
-            seen = {}
-            for k, c in enumerate(cats):
-                key = c.strip().lower()
-                j = seen.get(key, 0)
-                seen[key] = j + 1
-                boxes = det.get(key, [])
-                gen_crops.append((im, boxes[j][0] if j < len(boxes) else None))
-                owner.append((i, k, j))
-        else:
-            for key in dict.fromkeys(c.strip().lower() for c in cats):
-                for j, (box, _) in enumerate(det.get(key, [])):
-                    gen_crops.append((im, box))
-                    owner.append((i, key, j))
-    gen_feats = embed.regions(gen_crops)
-    scores, per_subject, found = [], [], []
+        if "official" in modes:
+            where[(i, None)] = [len(regions)]
+            regions.append((im, None))
+        for key in dict.fromkeys(c.strip().lower() for c in cats):
+            where[(i, key)] = list(range(len(regions), len(regions) + len(det.get(key, []))))
+            regions += [(im, box) for box, _ in det.get(key, [])]
+    feats = embed.regions(regions)
+    out = {md: {"score": [], "per_subject": [], "found": []} for md in modes}
     r0 = 0
     for i, cats in enumerate(categories):
-        n = len(cats)
-        rf = ref_feats[r0: r0 + n]
-        r0 += n
-        if mode == "official":
-            rows = [g for g, o in zip(gen_feats, owner) if o[0] == i]
-            sub = [float(rf[k] @ rows[k]) for k in range(n)]
-            hit = [o[2] < len(dets[i].get(cats[o[1]].strip().lower(), [])) for o in owner if o[0] == i]
-        else:
-            sub, hit = [0.0] * n, [False] * n
-            for key in dict.fromkeys(c.strip().lower() for c in cats):
-                subj = [k for k, c in enumerate(cats) if c.strip().lower() == key]
-                feats = [g for g, o in zip(gen_feats, owner) if o[0] == i and o[1] == key]
-                if not feats:
-                    continue
-                sim = rf[subj] @ torch.stack(feats).T  # [subjects of this category, boxes]
-                for s, j in zip(subj, best_assignment(sim.numpy())):
-                    if j is not None:
-                        sub[s], hit[s] = float(sim[subj.index(s), j]), True
-        per_subject.append(sub)
-        found.append(hit)
-        scores.append(sum(sub) / n)
-    return {"score": scores, "per_subject": per_subject, "found": found}
+        keys = [c.strip().lower() for c in cats]
+        rf = ref_feats[r0: r0 + len(cats)]
+        r0 += len(cats)
+        for md in modes:
+            sub, hit = (official_pairing if md == "official" else strict_pairing)(i, keys, rf, feats, where)
+            out[md]["per_subject"].append(sub)
+            out[md]["found"].append(hit)
+            out[md]["score"].append(sum(sub) / len(sub))
+    return out[mode] if isinstance(mode, str) else out
+
+
+def official_pairing(i, keys, rf, feats, where):
+    """The released scoring: the j-th subject of a category takes the j-th box, else the whole image."""
+    sub, hit, seen = [], [], {}
+    for k, key in enumerate(keys):
+        j = seen.get(key, 0)
+        seen[key] = j + 1
+        rows = where[(i, key)]
+        hit.append(j < len(rows))
+        sub.append(float(rf[k] @ feats[rows[j] if j < len(rows) else where[(i, None)][0]]))
+    return sub, hit
+
+
+def strict_pairing(i, keys, rf, feats, where):
+    """Boxes go one-to-one to same-category subjects by best similarity; a subject left out scores 0."""
+    sub, hit = [0.0] * len(keys), [False] * len(keys)
+    for key in dict.fromkeys(keys):
+        subj = [k for k, c in enumerate(keys) if c == key]
+        rows = where[(i, key)]
+        if not rows:
+            continue
+        sim = rf[subj] @ feats[rows].T  # [subjects of this category, boxes]
+        for s, j in zip(subj, best_assignment(sim.numpy())):
+            if j is not None:
+                sub[s], hit[s] = float(sim[subj.index(s), j]), True
+    return sub, hit
 
 
 # ----------------------------------------------------------------------------------------------
