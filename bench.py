@@ -167,15 +167,21 @@ def resolve_loras(cfg, name):
     return [Path(p) for p in cfg.lora.split(",") if p and p != "none"]
 
 
+def load_model(cfg, device):
+    """The model under test: the base with each of its LoRAs fused in order."""
+    m = sft.load_kontext(cfg.model, device, sft.model_dtype(device), cfg.tiny_dir)
+    for k, lora in enumerate(resolve_loras(cfg, cfg.preset or "run")):
+        sft.load_lora_into(m.transformer, lora, fuse=True, name=f"l{k}")
+    return m
+
+
 def generate_all(cfg, bench, folder, out, device):
     todo = [(s, i, it) for s in bench for i, it in enumerate(bench[s])
             if not result_path(cfg, out, s, i, it).exists()]
     mine = todo[rank():: world()]
     if not mine:
         return 0
-    m = sft.load_kontext(cfg.model, device, sft.model_dtype(device), cfg.tiny_dir)
-    for k, lora in enumerate(resolve_loras(cfg, cfg.preset or "run")):
-        sft.load_lora_into(m.transformer, lora, fuse=True, name=f"l{k}")
+    m = load_model(cfg, device)
     made = 0
     for subset, i, item in tqdm(mine, desc="generate", disable=rank() != 0):
         refs = [sft.open_image(folder, p, f"{subset}/{i}") for p in item["input_path"]]
@@ -402,10 +408,7 @@ def dreambench(cfg, out, device):
         refs = [[sft.open_image(p.parent, p.name, f"dreambench {i}") for p in ps] for ps in subj]
         out_path = (Path(cfg.results) if cfg.results else out / "dreambench") / f"{i}.png"
         if not out_path.exists():
-            if m is None:
-                m = sft.load_kontext(cfg.model, device, sft.model_dtype(device), cfg.tiny_dir)
-                for k, lora in enumerate(resolve_loras(cfg, cfg.preset or "run")):
-                    sft.load_lora_into(m.transformer, lora, fuse=True, name=f"l{k}")
+            m = m or load_model(cfg, device)
             save_png(out_path, sft.generate(m, [it["prompt"]], [[r[0] for r in refs]], cfg.resolution, cfg.resolution,
                                             cfg.steps, cfg.guidance, cfg.seed + i, cfg.pe, cfg.max_text_len)[0])
         with Image.open(out_path) as im:

@@ -240,9 +240,9 @@ def draw_sample(index, seed, size, task_mix, id_offset=0):
 # ----------------------------------------------------------------------------------------------
 # Writer: images first, then the samples.jsonl line, so a listed sample always has its files.
 
-def existing_ids(out):
-    path = Path(out) / "samples.jsonl"
-    return {s["id"] for s in read_jsonl(path)} if path.exists() else set()
+def ids_in(path):
+    """Ids listed in a samples JSONL file (none if it does not exist yet)."""
+    return {s["id"] for s in read_jsonl(path)} if Path(path).exists() else set()
 
 
 def write_sample(out, sid, task, instruction, subjects, target, refs, meta, shard_file):
@@ -276,9 +276,8 @@ def merge_rank_files(out):
 
 
 def make_procedural(cfg, out):
-    done = existing_ids(out)
     shard_file = Path(out) / f"samples.rank{rank():03d}.jsonl"
-    done |= existing_ids_file(shard_file)
+    done = ids_in(Path(out) / "samples.jsonl") | ids_in(shard_file)
     mine = [i for i in range(cfg.n_samples) if i % world() == rank()]
     t0, made = time.time(), 0
     for i in tqdm(mine, desc=f"draw (rank {rank()})", disable=rank() != 0):
@@ -290,10 +289,6 @@ def make_procedural(cfg, out):
         if made == cfg.die_after:
             os.kill(os.getpid(), 9)
     return made, time.time() - t0
-
-
-def existing_ids_file(path):
-    return {s["id"] for s in read_jsonl(path)} if Path(path).exists() else set()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -365,9 +360,11 @@ class TextModel:
             return
         from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
 
+        from rewards import tiny_path
+
         path = spec
         if spec == "tiny":
-            path = str(ensure_tiny_model(tiny_dir, "llm", tiny_llm)) if kind == "llm" else rewards_tiny("judge", tiny_dir)
+            path = str(ensure_tiny_model(tiny_dir, "llm", tiny_llm)) if kind == "llm" else tiny_path("judge", tiny_dir)
         self.tok = AutoTokenizer.from_pretrained(path)
         if kind == "llm":
             self.model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
@@ -396,18 +393,14 @@ class TextModel:
         return self.tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def rewards_tiny(name, tiny_dir):
-    from rewards import tiny_path
-
-    return tiny_path(name, tiny_dir)
-
-
 def tiny_llm(folder, seed=0):
     """A tiny random Qwen2 causal LM with the tiny Qwen tokenizer: the local LLM backend's stand-in."""
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
+    from rewards import tiny_path
+
     torch.manual_seed(seed)
-    tok = AutoTokenizer.from_pretrained(rewards_tiny("judge", Path(folder).parent))
+    tok = AutoTokenizer.from_pretrained(tiny_path("judge", Path(folder).parent))
     Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                  num_attention_heads=2, num_key_value_heads=1, eos_token_id=tok.eos_token_id,
                                  pad_token_id=tok.pad_token_id)).save_pretrained(folder)
@@ -593,12 +586,12 @@ def make_models(cfg, out, device):
     pool = load_categories(cfg.categories)
     shard_file = Path(out) / f"samples.rank{rank():03d}.jsonl"
     drop_file = Path(out) / f"drops.rank{rank():03d}.jsonl"
-    done = existing_ids(out) | existing_ids_file(shard_file)
+    # ids end in their index ("attribute-0000042"): a set of indices keeps the skip check O(1) per id
+    done = {int(d.rsplit("-", 1)[1]) - cfg.id_offset for d in ids_in(Path(out) / "samples.jsonl") | ids_in(shard_file)}
     dropped = {r["index"] for p in Path(out).glob("drops.rank*.jsonl") for r in read_jsonl(p)}
     timing, made, drops = {}, 0, {}
     for i in tqdm(range(rank(), cfg.n_samples, world()), desc=f"models (rank {rank()})", disable=rank() != 0):
-        prefix = f"-{i + cfg.id_offset:07d}"
-        if i in dropped or any(d.endswith(prefix) for d in done):
+        if i in dropped or i in done:
             continue
         try:
             sample, why = model_sample(i, cfg, models, pool, timing)

@@ -927,9 +927,9 @@ def load_lora_into(transformer, folder, fuse=False, name="sft"):
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: LoRA, optimizer, step and RNG in one file, written atomically.
 
-def save_checkpoint(path, transformer, opt, step, extra=None, name="default"):
+def save_checkpoint(path, transformer, opt, step, name="default"):
     state = {"lora": lora_state(transformer, name), "opt": opt.state_dict(), "step": step,
-             "rng": torch.get_rng_state(), **(extra or {})}
+             "rng": torch.get_rng_state()}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
