@@ -10,7 +10,7 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
-.PHONY: test tiny
+.PHONY: test tiny shapes
 test: $(VENV)/.installed
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 
@@ -20,3 +20,18 @@ tiny: $(VENV)/.installed
 	  echo "[$(PRESET)] $$stage took $$SECONDS s"; total=$$((total + SECONDS)); done; \
 	echo "[$(PRESET)] all stages took $$total s. Report: runs/$(PRESET)-bench/report.md, radar: runs/$(PRESET)-bench/radar.png,"; \
 	echo "  samples: runs/$(PRESET)-bench/contact_sheet.png, runs/$(PRESET)-sft/samples/, runs/$(PRESET)-rl/samples/"
+
+# The shapes world (world.py): small models trained here on the procedural world, then every stage.
+# Ends with the paper's table (base / SFT / RL) in runs/shapes-bench/report.md and a contact sheet.
+SB := runs/shapes-bench
+shapes: $(VENV)/.installed
+	@set -e; total=0; t() { SECONDS=0; "$$@"; echo "[shapes] $$1 $$2 took $$SECONDS s"; total=$$((total + SECONDS)); }; \
+	t $(PY) world.py; \
+	t $(PY) make_data.py --preset shapes; \
+	t $(PY) sft.py --preset shapes; \
+	t $(PY) rl.py --preset shapes; \
+	t $(PY) bench.py --preset shapes --psrbench $(SB)/psrbench --out $(SB)/base --name base --lora none --stitch_refs true; \
+	t $(PY) bench.py --preset shapes --psrbench $(SB)/psrbench --out $(SB)/sft --name sft --lora runs/shapes-sft/lora; \
+	t $(PY) bench.py --preset shapes --psrbench $(SB)/psrbench --out $(SB)/rl --name rl --lora runs/shapes-sft/lora,runs/shapes-rl/lora; \
+	$(PY) bench.py --preset shapes --compare $(SB)/base/scores.json,$(SB)/sft/scores.json,$(SB)/rl/scores.json --out $(SB); \
+	echo "[shapes] all stages took $$total s. Table: $(SB)/report.md, pictures: $(SB)/contact_sheet.png"

@@ -35,7 +35,9 @@ import sft
 from sft import ROOT, barrier, image_grid, parse_config, rank, run_stage, save_png, world, write_json
 
 SUBSETS = ("Attribute", "Action", "Background", "Position", "Complex", "Three", "Four")
-DIMENSIONS = ("subject_consistency", "subject_consistency_strict", "semantic_alignment", "aesthetics")
+DIMENSIONS = ("subject_consistency", "subject_consistency_strict", "semantic_alignment", "semantic_alignment_strict",
+              "aesthetics")
+STRICT = ("subject_consistency_strict", "semantic_alignment_strict")  # every item counts, a failure as 0
 
 
 @dataclass
@@ -58,7 +60,10 @@ class Config:
     compare: str = ""             # comma list of scores.json to put side by side
     dreambench: str = ""          # JSON of {"subjects": [dir, dir], "prompt": ...} pairs
     clip: str = "openai/clip-vit-base-patch32"
-    tiny_items: int = 2           # items per subset in the tiny PSRBench
+    tiny_items: int = 2           # items per subset in the procedural PSRBench
+    build_psrbench: bool = False  # build the procedural PSRBench (held-out ids) at --psrbench if it is missing
+    stitch_refs: bool = False     # paste all references side by side into one image: how users give a
+                                  # single-reference editor (FLUX.1 Kontext) several subjects today
     tiny_dir: str = "tiny-models"
     device: str = ""
     die_after: int = 0            # fault injection for tests: SIGKILL after generating this many images
@@ -175,6 +180,18 @@ def load_model(cfg, device):
     return m
 
 
+def stitch(images):
+    """References side by side at a common height: one wide context image."""
+    h = min(im.size[1] for im in images)
+    images = [im.resize((round(im.size[0] * h / im.size[1]), h), Image.BICUBIC) for im in images]
+    canvas = Image.new("RGB", (sum(im.size[0] for im in images), h))
+    x = 0
+    for im in images:
+        canvas.paste(im, (x, 0))
+        x += im.size[0]
+    return canvas
+
+
 def generate_all(cfg, bench, folder, out, device):
     todo = [(s, i, it) for s in bench for i, it in enumerate(bench[s])
             if not result_path(cfg, out, s, i, it).exists()]
@@ -185,6 +202,8 @@ def generate_all(cfg, bench, folder, out, device):
     made = 0
     for subset, i, item in tqdm(mine, desc="generate", disable=rank() != 0):
         refs = [sft.open_image(folder, p, f"{subset}/{i}") for p in item["input_path"]]
+        if cfg.stitch_refs:
+            refs = [stitch(refs)]
         image = sft.generate(m, [item["instruction"]], [refs], cfg.resolution, cfg.resolution, cfg.steps,
                              cfg.guidance, cfg.seed + i, cfg.pe, cfg.max_text_len)[0]
         save_png(result_path(cfg, out, subset, i, item), image)
@@ -213,12 +232,16 @@ def score_item(mix, folder, image_path, subset, index, item):
         b1, b2 = (det.get(c.strip().lower(), []) for c in cats[:2])
         relation = find_relation(item["instruction"])
         row["semantic_alignment"] = position_score(relation, b1[0][0], b2[0][0]) if b1 and b2 else 0.0
+        row["semantic_alignment_strict"] = row["semantic_alignment"]  # no relation phrase or no box: 0 already
         row["relation"] = relation
     else:
         j = rewards.judge_scores(mix.judge, [image], [item["instruction"]], [subset], mix.templates, mix.fallback)
         row["semantic_alignment"] = j["score"][0] / 10
+        strict = rewards.parse_judge_strict(j["answers"][0])
+        row["semantic_alignment_strict"] = 0.0 if strict is None else strict / 10  # no number: 0, kept
         row["judge_unparsed"] = j["unparsed"]
-    row["aesthetics_raw"] = mix.hps([image], [item["instruction"]])[0]
+    # without HPSv3 (a world that has no aesthetics model) the dimension is NaN, never a made-up 0
+    row["aesthetics_raw"] = mix.hps([image], [item["instruction"]])[0] if mix.hps is not None else float("nan")
     row["aesthetics"] = row["aesthetics_raw"] / 10
     return row
 
@@ -248,17 +271,23 @@ def score_all(cfg, bench, folder, out, device):
 
 def summarize(rows, subsets):
     out = {"subsets": {}, "overall": {}}
+
+    def mean(rows_, d):
+        # strict columns keep every item, a failed one as 0; the others average the scored items
+        vals = [r.get(d, 0.0) if d in STRICT else r[d] for r in rows_ if d in STRICT or "failed" not in r]
+        return float(np.mean(vals)) if vals else float("nan")
+
     for s in subsets:
         ok = [r for r in rows if r["subset"] == s and "failed" not in r]
-        entry = {d: float(np.mean([r[d] for r in ok])) if ok else float("nan") for d in DIMENSIONS}
+        entry = {d: mean([r for r in rows if r["subset"] == s], d) for d in DIMENSIONS}
         entry["n"] = len(ok)
         entry["failed"] = [{"index": r["index"], "reason": r["failed"]} for r in rows
                            if r["subset"] == s and "failed" in r]
         entry["judge_unparsed"] = sum(r.get("judge_unparsed", 0) for r in ok)
         out["subsets"][s] = entry
-    ok = [r for r in rows if "failed" not in r]
-    out["overall"] = {d: float(np.mean([r[d] for r in ok])) if ok else float("nan") for d in DIMENSIONS}
-    out["overall"]["n"] = len(ok)
+    # overall = the mean of the subset means, so every subset weighs the same whatever its item count
+    out["overall"] = {d: float(np.mean([out["subsets"][s][d] for s in subsets])) for d in DIMENSIONS}
+    out["overall"]["n"] = sum(out["subsets"][s]["n"] for s in subsets)
     out["overall"]["failed"] = sum(len(e["failed"]) for e in out["subsets"].values())
     return out
 
@@ -268,17 +297,21 @@ def summarize(rows, subsets):
 
 def report_md(models):
     """models: list of (name, scores). Rows are models, columns the dimensions (overall), then per subset."""
-    lines = ["| model | subject consistency | SC (strict) | semantic alignment | aesthetics (HPSv3/10) | items | failed |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | subject consistency | SC (strict) | semantic alignment | SA (strict) | aesthetics (HPSv3/10) "
+             "| items | failed |", "|---|---|---|---|---|---|---|---|"]
     for name, sc in models:
         o = sc["overall"]
         lines.append(f"| {name} | {o['subject_consistency']:.3f} | {o['subject_consistency_strict']:.3f} | "
-                     f"{o['semantic_alignment']:.3f} | {o['aesthetics']:.3f} | {o['n']} | {o['failed']} |")
+                     f"{o['semantic_alignment']:.3f} | {o.get('semantic_alignment_strict', float('nan')):.3f} | "
+                     f"{o['aesthetics']:.3f} | {o['n']} | {o['failed']} |")
+    lines += ["", "Overall is the mean of the subset means. Strict columns count every item (a failed item, an "
+              "undetected subject, a judge answer without a number score 0); the others follow the authors' "
+              "scripts and leave failed items out. NaN: no model for that dimension in this preset."]
     for dim in DIMENSIONS:
         lines += ["", f"**{dim}** per subset (items scored in parentheses)", "",
                   "| model | " + " | ".join(SUBSETS) + " |", "|---" * (len(SUBSETS) + 1) + "|"]
         for name, sc in models:
-            cells = [f"{sc['subsets'][s][dim]:.3f} ({sc['subsets'][s]['n']})" if s in sc["subsets"] else "-"
+            cells = [f"{sc['subsets'][s].get(dim, float('nan')):.3f} ({sc['subsets'][s]['n']})" if s in sc["subsets"] else "-"
                      for s in SUBSETS]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     failed = [(name, s, f) for name, sc in models for s, e in sc["subsets"].items() for f in e["failed"]]
@@ -334,6 +367,26 @@ def contact_sheet(cfg, bench, folder, out, per_subset=2):
             except Exception:
                 result = Image.new("RGB", (64, 64), (255, 0, 255))  # the missing or broken image shows as magenta
             rows.append(refs + [result])
+    return image_grid(rows, cell=96) if rows else None
+
+
+def compare_sheet(score_files, per_subset=2):
+    """References, then each compared model's output, for the first items of every subset."""
+    scores = [json.loads(Path(p).read_text()) for p in score_files]
+    if any("psrbench" not in sc or "images" not in sc for sc in scores):
+        return None  # scores.json from before these fields: no pictures to put side by side
+    folder = Path(scores[0]["psrbench"])
+    rows = []
+    for subset in SUBSETS:
+        if not (folder / f"{subset}.json").exists():
+            continue
+        for i, item in enumerate(json.loads((folder / f"{subset}.json").read_text())[:per_subset]):
+            refs = [sft.open_image(folder, p, f"{subset}/{i}") for p in item["input_path"]]
+            outs = []
+            for sc in scores:
+                path = Path(sc["images"]) / subset / f"{i}.png"
+                outs.append(Image.open(path).convert("RGB") if path.exists() else Image.new("RGB", (64, 64), (255, 0, 255)))
+            rows.append(refs + [Image.new("RGB", (8, 8), "white")] * (4 - len(refs)) + outs)
     return image_grid(rows, cell=96) if rows else None
 
 
@@ -438,23 +491,25 @@ def main(cfg):
     sft.print_config(cfg, "bench", out)
     sft.ensure_writable(out, "bench")
     if cfg.compare:
-        models = [(Path(p).parent.name, json.loads(Path(p).read_text())) for p in cfg.compare.split(",")]
+        paths = [Path(p) for p in cfg.compare.split(",") if p]
+        models = [json.loads(p.read_text()) for p in paths]
+        models = [(sc.get("name") or p.parent.name, sc) for p, sc in zip(paths, models)]
         if rank() == 0:
-            write_report(out, models)
+            write_report(out, models, compare_sheet(paths))
             print(report_md(models))
+            print(f"[bench] report: {out / 'report.md'}  contact sheet: {out / 'contact_sheet.png'}")
         return out
     if cfg.dreambench:
         return dreambench(cfg, out, device) if rank() == 0 else None
     t0 = time.time()
-    if not cfg.psrbench:
-        if cfg.model != "tiny":
-            raise SystemExit("give --psrbench DIR (the authors' PSRBench folder); only the tiny presets build their own")
-        folder = out / "psrbench"
+    folder = Path(cfg.psrbench) if cfg.psrbench else out / "psrbench"
+    if cfg.build_psrbench or (not cfg.psrbench and cfg.model == "tiny"):
         if rank() == 0:
             build_tiny_psrbench(folder, cfg.tiny_items, cfg.resolution)
         barrier()
-    else:
-        folder = Path(cfg.psrbench)
+    elif not cfg.psrbench:
+        raise SystemExit("give --psrbench DIR (the authors' PSRBench folder), or --build_psrbench true for the "
+                         "procedural one")
     subsets = [s for s in cfg.subsets.split(",") if s]
     unknown = [s for s in subsets if s not in SUBSETS]
     if unknown:
@@ -467,6 +522,9 @@ def main(cfg):
     if rank() == 0:
         scores = summarize(rows, subsets)
         scores["model"] = cfg.name or (cfg.results or ",".join(str(p) for p in resolve_loras(cfg, name)) or cfg.model)
+        scores["name"] = cfg.name or name
+        scores["psrbench"] = str(folder.resolve())
+        scores["images"] = str(Path(cfg.results).resolve() if cfg.results else (out / "images").resolve())
         write_json(out / "items.json", rows)
         write_json(out / "scores.json", scores)
         write_report(out, [(cfg.name or name, scores)], contact_sheet(cfg, bench, folder, out))

@@ -187,8 +187,16 @@ def layout(n, size, rng, relation=None):
         elif relation == "below":
             a, b = (0.5, 0.72), (0.5, 0.28)
         return [(a[0] * size, a[1] * size), (b[0] * size, b[1] * size)], size * 0.17
-    xs = [(i + 0.5) / n for i in range(n)]
-    return [(x * size, size * (0.5 + rng.uniform(-0.1, 0.1))) for x in xs], r
+    if n <= 2:
+        xs = [(i + 0.5) / n for i in range(n)]
+        return [(x * size, size * (0.5 + rng.uniform(-0.1, 0.1))) for x in xs], r
+    # 3-4 subjects go on a 2x2 grid (reading order) rather than a row, so each keeps the size it has
+    # in a pair: at small resolutions a row of four leaves subjects a few pixels wide.
+    cells = [(0.27, 0.3), (0.73, 0.3), (0.27, 0.76), (0.73, 0.76)][:n]
+    if n == 3:
+        cells[2] = (0.5, 0.76)
+    return [(x * size + rng.uniform(-0.03, 0.03) * size, y * size + rng.uniform(-0.03, 0.03) * size)
+            for x, y in cells], size / 5.6
 
 
 def draw_sample(index, seed, size, task_mix, id_offset=0):

@@ -305,15 +305,16 @@ TINY_WORDS = (
 )
 
 
-def build_tiny_tokenizer(max_len):
-    """A small BPE tokenizer trained locally with the `tokenizers` library (no download)."""
+def build_tiny_tokenizer(max_len, words=TINY_WORDS):
+    """A small BPE tokenizer trained locally with the `tokenizers` library (no download); `words` are
+    the corpus, so each of them ends up one token."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<unk>", "<s>", "</s>"])
-    corpus = TINY_WORDS.split() + [TINY_WORDS] * 4 + list("abcdefghijklmnopqrstuvwxyz0123456789.,")
+    corpus = words.split() + [words] * 4 + list("abcdefghijklmnopqrstuvwxyz0123456789.,")
     tok.train_from_iterator(corpus, trainer)
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A </s>", special_tokens=[("<s>", 2), ("</s>", 3)])
