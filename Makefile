@@ -10,7 +10,7 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
-.PHONY: test tiny shapes
+.PHONY: test tiny shapes shapes-ablation
 test: $(VENV)/.installed
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 
@@ -35,3 +35,17 @@ shapes: $(VENV)/.installed
 	t $(PY) bench.py --preset shapes --psrbench $(SB)/psrbench --out $(SB)/rl --name rl --lora runs/shapes-sft/lora,runs/shapes-rl/lora; \
 	$(PY) bench.py --preset shapes --compare $(SB)/base/scores.json,$(SB)/sft/scores.json,$(SB)/rl/scores.json --out $(SB); \
 	echo "[shapes] all stages took $$total s. Table: $(SB)/report.md, pictures: $(SB)/contact_sheet.png"
+
+# The position-id ablation in the shapes world: SFT with frame, h, w and hw ids at equal steps, two
+# seeds each, every run benched on the same held-out PSRBench; prints mean and spread per variant.
+ABL := runs/shapes-ablation
+PES ?= frame h w hw
+SEEDS ?= 0 1
+ABL_STEPS ?= 1500
+shapes-ablation: $(VENV)/.installed
+	@set -e; $(PY) world.py; $(PY) make_data.py --preset shapes; files=""; \
+	for pe in $(PES); do for seed in $(SEEDS); do run=$$pe-s$$seed; \
+	  $(PY) sft.py --preset shapes --pe $$pe --seed $$seed --steps $(ABL_STEPS) --sample_every 0 --out $(ABL)/$$run-sft; \
+	  $(PY) bench.py --preset shapes --psrbench $(SB)/psrbench --pe $$pe --lora $(ABL)/$$run-sft/lora \
+	    --name $$run --out $(ABL)/$$run; files="$$files,$(ABL)/$$run/scores.json"; done; done; \
+	$(PY) bench.py --preset shapes --ablation "$${files#,}" --out $(ABL)

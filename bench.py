@@ -58,6 +58,7 @@ class Config:
     max_text_len: int = 512
     seed: int = 0
     compare: str = ""             # comma list of scores.json to put side by side
+    ablation: str = ""            # comma list of scores.json named <variant>-s<seed>: mean and spread per variant
     dreambench: str = ""          # JSON of {"subjects": [dir, dir], "prompt": ...} pairs
     clip: str = "openai/clip-vit-base-patch32"
     tiny_items: int = 2           # items per subset in the procedural PSRBench
@@ -370,6 +371,32 @@ def contact_sheet(cfg, bench, folder, out, per_subset=2):
     return image_grid(rows, cell=96) if rows else None
 
 
+ABLATION_GROUPS = {"2 subjects": ("Attribute", "Action", "Background", "Position", "Complex"),
+                   "3 subjects": ("Three",), "4 subjects": ("Four",), "Position": ("Position",)}
+
+
+def ablation_table(score_files):
+    """Runs named <variant>-s<seed> -> per variant, SA and SC of each group as mean +- std over seeds
+    (population std; with one seed the spread is 0 and says nothing)."""
+    import re
+
+    runs = {}
+    for p in score_files:
+        sc = json.loads(Path(p).read_text())
+        name = sc.get("name") or Path(p).parent.name
+        runs.setdefault(re.sub(r"-s\d+$", "", name), []).append(sc)
+    cols = [(g, d) for g in ABLATION_GROUPS for d in ("semantic_alignment", "subject_consistency_strict")]
+    lines = ["| variant | seeds | " + " | ".join(f"{g} {'SA' if d.startswith('sem') else 'SC strict'}" for g, d in cols) + " |",
+             "|---|---|" + "---|" * len(cols)]
+    for variant, scs in runs.items():
+        cells = []
+        for g, d in cols:
+            vals = [float(np.mean([sc["subsets"][s][d] for s in ABLATION_GROUPS[g] if s in sc["subsets"]])) for sc in scs]
+            cells.append(f"{np.mean(vals):.3f} ± {np.std(vals):.3f}")
+        lines.append(f"| {variant} | {len(scs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def compare_sheet(score_files, per_subset=2):
     """References, then each compared model's output, for the first items of every subset."""
     scores = [json.loads(Path(p).read_text()) for p in score_files]
@@ -498,6 +525,12 @@ def main(cfg):
             write_report(out, models, compare_sheet(paths))
             print(report_md(models))
             print(f"[bench] report: {out / 'report.md'}  contact sheet: {out / 'contact_sheet.png'}")
+        return out
+    if cfg.ablation:
+        if rank() == 0:
+            table = ablation_table([Path(p) for p in cfg.ablation.split(",") if p])
+            sft.write_text(out / "ablation.md", table)
+            print(table)
         return out
     if cfg.dreambench:
         return dreambench(cfg, out, device) if rank() == 0 else None

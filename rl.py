@@ -391,18 +391,21 @@ def timed(fn, *args):
 
 @torch.no_grad()
 def evaluate(m, samples, cache, reward_fn, data_dir, cfg, grid_path=None):
-    rewards, rows = [], []
+    """Mean reward of one image per held-out prompt (seeds follow cfg.seed), plus each term's mean."""
+    rewards, rows, terms = [], [], {}
     for k, sample in enumerate(samples):
         t5, pooled, refs, hws = encode_prompt(m, cache, sample, m.device)
         lat = sft.sample_latents(m, t5, pooled, refs, hws, cfg.resolution, cfg.resolution,
                                  sample_seed(cfg.seed, 10 ** 6, k, 0), cfg.steps, cfg.guidance, cfg.pe)
         image = tensor_to_pil(decode_latents(m, lat))[0]
-        r, _ = score(reward_fn, [image], sample, data_dir)
+        r, t = score(reward_fn, [image], sample, data_dir)
         rewards.append(r[0])
+        for key, v in t.items():
+            terms.setdefault(key, []).extend(v)
         rows.append([open_image(data_dir, s["ref"], sample["id"]) for s in sample["subjects"]] + [image])
     if grid_path is not None:
         save_png(grid_path, image_grid(rows))
-    return float(np.mean(rewards))
+    return float(np.mean(rewards)), {f"eval_{k}": float(np.nanmean(v)) for k, v in terms.items()}
 
 
 @torch.no_grad()
@@ -468,12 +471,20 @@ def main(cfg):
             print(f"[rl] resumed from {ckpt} at iteration {start}")
     first_eval = last_eval = None
     t_start = time.time()
+    if start == 0 and cfg.eval_every:
+        # iteration 0: the held-out reward before any update, the baseline every later eval is read against
+        first_eval, terms = evaluate(m, eval_set, cache, reward_fn, data_dir, cfg,
+                                     out / "samples" / "iter-00000.png" if rank() == 0 else None)
+        last_eval = first_eval
+        if rank() == 0:
+            append_jsonl(out / "log.jsonl", {"iter": 0, "eval_reward": first_eval, **terms})
     for it in tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="rl",
                    disable=rank() != 0):
         log = iteration(m, params, opt, train_set, cache, reward_fn, data_dir, it, cfg)
-        if cfg.eval_every and ((it + 1) % cfg.eval_every == 0 or it == start):
+        if cfg.eval_every and ((it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iterations):
             grid = out / "samples" / f"iter-{it + 1:05d}.png" if rank() == 0 else None
-            log["eval_reward"] = evaluate(m, eval_set, cache, reward_fn, data_dir, cfg, grid)
+            log["eval_reward"], terms = evaluate(m, eval_set, cache, reward_fn, data_dir, cfg, grid)
+            log.update(terms)
             first_eval = log["eval_reward"] if first_eval is None else first_eval
             last_eval = log["eval_reward"]
         if rank() == 0:

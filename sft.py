@@ -217,7 +217,7 @@ def append_jsonl(path, row):
 def truncate_log(path, step):
     """On resume, drop log lines past the checkpoint: those steps are about to be run again."""
     if Path(path).exists():
-        rows = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+        rows = [r for r in read_jsonl(path) if r.get("step", r.get("iter", 0)) <= step]  # sft rows: step, rl: iter
         with atomic_path(path) as tmp:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
 

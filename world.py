@@ -66,6 +66,10 @@ class Config:
     base_lr: float = 5e-4
     base_examples: int = 6000
     max_text_len: int = 32
+    # reward stand-ins (world_perception.py)
+    detector_steps: int = 1800
+    embedder_steps: int = 500
+    judge_steps: int = 600        # the judge's attribute/action classifier
     log_every: int = 100
 
 
@@ -381,12 +385,14 @@ def build_world(cfg):
     if "kontext" in wanted:
         build("kontext", lambda d: train_base(cfg, d, vae))
     if "detector" in wanted:
-        build("detector", lambda d: wp.train_detector(d, seed=cfg.seed, degrade=vae_round_trip(vae)))
-    if "embedder" in wanted:
-        build("embedder", lambda d: wp.train_embedder(d, seed=cfg.seed, detector_dir=out / "detector",
+        build("detector", lambda d: wp.train_detector(d, steps=cfg.detector_steps, seed=cfg.seed,
                                                       degrade=vae_round_trip(vae)))
+    if "embedder" in wanted:
+        build("embedder", lambda d: wp.train_embedder(d, steps=cfg.embedder_steps, seed=cfg.seed,
+                                                      detector_dir=out / "detector", degrade=vae_round_trip(vae)))
     if "judge" in wanted:
-        build("judge", lambda d: wp.build_judge(d, out / "detector"))
+        build("judge", lambda d: wp.build_judge(d, out / "detector", steps=cfg.judge_steps, seed=cfg.seed,
+                                                degrade=vae_round_trip(vae)))
     return out, times
 
 
