@@ -57,7 +57,7 @@ class Config:
     judge_concurrency: int = 16
     judge_max_tokens: int = 512
     judge_fallback: float = 0.0   # value of an unparseable answer (it is also counted)
-    hps_base: str = "Qwen/Qwen2-VL-7B-Instruct"
+    hps_base: str = "Qwen/Qwen2-VL-7B-Instruct"  # "" (or "none"): no aesthetics term
     hps_ckpt: str = "MizzenAI/HPSv3"  # HPSv3.safetensors, a folder holding it, or a hub id
     hps_prompt: str = ""          # file with HPSv3's prompt constants (else read from the hpsv3 package)
     hps_pixels: int = 256 * 28 * 28
@@ -208,6 +208,9 @@ class Detector:
         from transformers import AutoProcessor, GroundingDinoForObjectDetection
 
         path = tiny_path("detector", tiny_dir) if name == "tiny" else name
+        self.segmenter = SegmenterDetector(path, device, box_threshold) if is_segmenter(path) else None
+        if self.segmenter is not None:
+            return
         self.processor = AutoProcessor.from_pretrained(path)
         self.model = GroundingDinoForObjectDetection.from_pretrained(path).to(device).eval()
         self.device, self.box_threshold, self.text_threshold = device, box_threshold, text_threshold
@@ -216,6 +219,8 @@ class Detector:
     def __call__(self, images, categories, batch_size=16):
         """Batches images of one size together: padding an image to its batch's size changes what
         the backbone sees, so a mixed-size batch would not give the one-at-a-time answer."""
+        if self.segmenter is not None:
+            return self.segmenter(images, categories, batch_size)
         by_size = {}
         for i, im in enumerate(images):
             by_size.setdefault(im.size, []).append(i)
@@ -259,6 +264,96 @@ class Detector:
                 per_cat[c].sort(key=lambda bs: -bs[1])
             found.append(per_cat)
         return found
+
+
+def is_segmenter(path):
+    """True when `path` (a local folder or hub id) holds a semantic segmentation model."""
+    cfg_file = Path(path) / "config.json"
+    try:
+        if cfg_file.is_file():
+            cfg = json.loads(cfg_file.read_text())
+        else:
+            from transformers import AutoConfig
+
+            cfg = AutoConfig.from_pretrained(path).to_dict()
+    except Exception:  # not readable here: leave it to the Grounding DINO loader and its own error
+        return False
+    return cfg.get("model_type") == "segformer" or any(
+        a.endswith("ForSemanticSegmentation") for a in cfg.get("architectures") or [])
+
+
+def connected_components(mask):
+    """8-connected components of a boolean [H, W] array -> list of (ys, xs) index arrays."""
+    mask = np.asarray(mask, dtype=bool)
+    h, w = mask.shape
+    seen = np.zeros_like(mask)
+    out = []
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if seen[y0, x0]:
+            continue
+        seen[y0, x0] = True
+        stack, ys, xs = [(y0, x0)], [], []
+        while stack:
+            y, x = stack.pop()
+            ys.append(y)
+            xs.append(x)
+            for ny in (y - 1, y, y + 1):
+                for nx in (x - 1, x, x + 1):
+                    if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not seen[ny, nx]:
+                        seen[ny, nx] = True
+                        stack.append((ny, nx))
+        out.append((np.array(ys), np.array(xs)))
+    return out
+
+
+class SegmenterDetector:
+    """A semantic segmenter whose labels are categories acts as the detector: each connected
+    component of pixels whose most likely label is a category is one box of it, scored by the
+    mean probability of that label over the component. Same answer as Detector: per image
+    {category: [(box, score), ...] best first}, for the asked categories (lowercased) only."""
+
+    def __init__(self, path, device="cpu", box_threshold=0.35, min_area=0.004):
+        from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
+
+        self.processor = AutoImageProcessor.from_pretrained(path)
+        self.model = AutoModelForSemanticSegmentation.from_pretrained(path).to(device).eval()
+        self.labels = {str(v).strip().lower(): int(k) for k, v in self.model.config.id2label.items()}
+        # min_area: components smaller than this fraction of the image (4 pixels at 32x32) are noise
+        self.device, self.box_threshold, self.min_area = device, box_threshold, min_area
+
+    @torch.no_grad()
+    def probs(self, images, batch_size=64):
+        """PIL images -> per image [labels, H, W] probabilities at the image's own size."""
+        out = []
+        for i in range(0, len(images), batch_size):
+            chunk = [im.convert("RGB") for im in images[i: i + batch_size]]
+            px = self.processor(images=chunk, return_tensors="pt")["pixel_values"]
+            logits = self.model(pixel_values=px.to(self.device, self.model.dtype)).logits.float()
+            for im, lg in zip(chunk, logits):
+                up = F.interpolate(lg[None], size=(im.size[1], im.size[0]), mode="bilinear", align_corners=False)
+                out.append(up[0].softmax(0).cpu())
+        return out
+
+    def boxes(self, prob, categories):
+        """One image's [labels, H, W] probabilities -> {category: [(box, score), ...] best first}."""
+        best = prob.argmax(0).numpy()
+        min_pixels = max(1, int(round(self.min_area * best.size)))
+        found = {}
+        for c in dict.fromkeys(c.strip().lower() for c in categories):
+            found[c] = []
+            if c not in self.labels:
+                continue
+            p = prob[self.labels[c]].numpy()
+            for ys, xs in connected_components(best == self.labels[c]):
+                score = float(p[ys, xs].mean())
+                if len(ys) >= min_pixels and score > self.box_threshold:
+                    box = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
+                    found[c].append((box, score))
+            found[c].sort(key=lambda bs: -bs[1])
+        return found
+
+    def __call__(self, images, categories, batch_size=16):
+        return [self.boxes(p, cats) for p, cats in zip(self.probs(images, batch_size), categories)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -508,6 +603,16 @@ def parse_judge(text):
     return min(10.0, max(0.0, float(m.group(1))))
 
 
+STRICT_SCORE_RE = re.compile(r"\[score\]\s*\**\s*[:：]\s*\**\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
+
+
+def parse_judge_strict(text):
+    """The `strict` reading: the first number after "[Score]" in any case, with ** or spaces around
+    ":" or "：", clamped to 0-10; None when there is none (the bench then scores the item 0)."""
+    m = STRICT_SCORE_RE.search(text or "")
+    return None if m is None else min(10.0, max(0.0, float(m.group(1))))
+
+
 def image_data_url(image):
     buf = io.BytesIO()
     image.convert("RGB").save(buf, format="PNG")
@@ -577,6 +682,9 @@ class LocalJudge:
         from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
         path = tiny_path("judge", tiny_dir) if name == "tiny" else name
+        self.program = load_program_judge(path, device) if (Path(path) / "judge.json").is_file() else None
+        if self.program is not None:
+            return
         self.tok = AutoTokenizer.from_pretrained(path)
         self.ip = AutoImageProcessor.from_pretrained(path)
         self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device).eval()
@@ -584,12 +692,29 @@ class LocalJudge:
 
     @torch.no_grad()
     def __call__(self, images, prompts, batch_size=8):
+        if self.program is not None:
+            return self.program(images, prompts, batch_size)
         out = []
         for i in range(0, len(images), batch_size):
             inp = vl_inputs(self.tok, self.ip, images[i: i + batch_size], prompts[i: i + batch_size], self.device)
             gen = self.model.generate(**inp, max_new_tokens=self.max_tokens, do_sample=False)
             out += self.tok.batch_decode(gen[:, inp["input_ids"].shape[1]:], skip_special_tokens=True)
         return out
+
+
+def load_program_judge(folder, device="cpu"):
+    """A judge folder holding judge.json ({"program": "module:Class", ...}) is a program, not a VLM:
+    Class(folder, device=device) must answer judge(images, prompts, batch_size) -> answer strings.
+    The module is imported from the folder itself when it holds module.py, else from the path."""
+    import importlib
+    import sys
+
+    folder = Path(folder)
+    spec = json.loads((folder / "judge.json").read_text())
+    module, _, cls = spec["program"].partition(":")
+    if (folder / f"{module}.py").is_file() and str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    return getattr(importlib.import_module(module), cls)(str(folder), device=device)
 
 
 def judge_scores(judge, images, instructions, subsets, templates=None, fallback=0.0, batch_size=8):
@@ -759,6 +884,8 @@ def build_reward_mix(cfg, device="cpu", dtype=torch.float32, with_judge=True, wi
     if with_judge:
         judge = (EndpointJudge(cfg.judge_url, cfg.judge_model, cfg.judge_key, cfg.judge_concurrency, cfg.judge_max_tokens)
                  if cfg.judge_url else LocalJudge(cfg.judge, device, dtype, cfg.judge_max_tokens, cfg.tiny_dir))
+    # an empty (or "none") hps_base or hps_ckpt leaves aesthetics out (mix.hps is None)
+    with_hps = with_hps and all(str(v).strip().lower() not in ("", "none") for v in (cfg.hps_base, cfg.hps_ckpt))
     hps = HPSv3(cfg.hps_base, cfg.hps_ckpt, cfg.hps_prompt, device, dtype, cfg.hps_pixels, cfg.tiny_dir) if with_hps else None
     templates = load_judge_templates(cfg.judge_templates) if cfg.judge_templates else None
     return RewardMix(detector, embed, judge, hps, cfg.weights, cfg.scales, cfg.mode, templates, cfg.judge_fallback,
@@ -837,6 +964,8 @@ def run_benchmark(cfg, device):
              "judge": lambda ims, rs, cs, ts, bs: judge_scores(mix.judge, ims, ts, ["generic"] * len(ims),
                                                                batch_size=bs)["score"],
              "hps": lambda ims, rs, cs, ts, bs: mix.hps(ims, ts, bs)}
+    if mix.hps is None:
+        del terms["hps"]
     res, secs = {}, {}
     for name, fn in terms.items():
         fn(images[:2], refs[:2], cats[:2], instr[:2], 2)  # warm-up

@@ -67,9 +67,9 @@ class Config:
     base_examples: int = 6000
     max_text_len: int = 32
     # reward stand-ins (world_perception.py)
-    detector_steps: int = 1800
-    embedder_steps: int = 500
-    judge_steps: int = 600        # the judge's attribute/action classifier
+    detector_steps: int = 2000
+    embedder_steps: int = 250
+    judge_steps: int = 600        # the judge's hat/outline classifier
     log_every: int = 100
 
 
