@@ -54,10 +54,18 @@ class Config:
     lora_rank: int = 64
     lora_alpha: float = 128.0
     clip_range: float = 1e-4
+    optimizer_steps: int = 2      # optimizer steps per iteration (Flow-GRPO's cadence: two per epoch)
     adv_clip: float = 5.0
     beta: float = 0.0             # KL to the model without the RL adapter
     grad_clip: float = 1.0
     reward: str = "mix"           # mix (rewards.py) | brightness (mean pixel value) | module:function
+    # the mix's models and weights come from the preset's "rewards" section; these override it when set
+    weights: tuple = ()           # PSR, judge, HPSv3, e.g. --weights 0.4,0.4,0.2
+    detector: str = ""
+    dino: str = ""
+    judge: str = ""
+    judge_url: str = ""
+    judge_model: str = ""
     n_eval: int = 4               # held-out prompts (the dataset's last ones) for the eval curve
     eval_every: int = 10
     ckpt_every: int = 1
@@ -203,6 +211,9 @@ def build_reward(cfg, device):
 
     rcfg = sft.parse_config(rewards.Config, "rewards", ["--preset", cfg.preset] if cfg.preset else [])
     rcfg.tiny_dir = cfg.tiny_dir
+    for key in ("weights", "detector", "dino", "judge", "judge_url", "judge_model"):
+        if getattr(cfg, key):
+            setattr(rcfg, key, sft._coerce(getattr(cfg, key), getattr(rcfg, key)))  # rewards.py's types
     mix = rewards.build_reward_mix(rcfg, device, sft.model_dtype(device))
     mix.embed.fast = torch.device(device).type == "cuda"
     return mix
@@ -259,22 +270,28 @@ def step_loss(m, transformer, ro, j, adv, mask, cfg):
 
 
 def update(m, params, opt, rollouts, cfg):
-    """One optimizer step per prompt group, its gradient accumulated over all steps but the last."""
+    """`optimizer_steps` optimizer steps per iteration, as Flow-GRPO takes a few large steps per epoch
+    rather than one per prompt: the prompt groups are split into that many chunks, and each chunk's
+    gradient is accumulated over its groups and over every denoising step but the last, weighted so
+    that every trained sample counts the same."""
     stats = {"ratio_first": None, "ratio_mean": [], "clip_frac": [], "kl": [], "trained_samples": 0}
     n_steps = cfg.steps - 1
-    for ro in rollouts:
-        keep = ro["train_mask"].to(ro["latents"].device)
-        stats["trained_samples"] += int(keep.sum())
+    for chunk in np.array_split(np.arange(len(rollouts)), max(1, min(cfg.optimizer_steps, len(rollouts)))):
+        keeps = [rollouts[i]["train_mask"].to(rollouts[i]["latents"].device) for i in chunk]
+        n_chunk = max(1, sum(int(k.sum()) for k in keeps))
         opt.zero_grad(set_to_none=True)
-        adv = torch.where(keep, ro["advantages"].to(keep.device), torch.zeros(()))
-        for j in range(n_steps if keep.any() else 0):
-            loss, ratio, frac, kl = step_loss(m, m.transformer, ro, j, adv, keep, cfg)
-            (loss / n_steps).backward()
-            if stats["ratio_first"] is None:
-                stats["ratio_first"] = ratio.mean().item()
-            stats["ratio_mean"].append(ratio.mean().item())
-            stats["clip_frac"].append(frac.item())
-            stats["kl"].append(kl.item())
+        for i, keep in zip(chunk, keeps):
+            ro = rollouts[i]
+            stats["trained_samples"] += int(keep.sum())
+            adv = torch.where(keep, ro["advantages"].to(keep.device), torch.zeros(()))
+            for j in range(n_steps if keep.any() else 0):
+                loss, ratio, frac, kl = step_loss(m, m.transformer, ro, j, adv, keep, cfg)
+                (loss * int(keep.sum()) / n_chunk / n_steps).backward()  # step_loss is a mean over `keep`
+                if stats["ratio_first"] is None:
+                    stats["ratio_first"] = ratio.mean().item()
+                stats["ratio_mean"].append(ratio.mean().item())
+                stats["clip_frac"].append(frac.item())
+                stats["kl"].append(kl.item())
         sync_grads(params)
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
@@ -282,7 +299,7 @@ def update(m, params, opt, rollouts, cfg):
 
 
 def sync_grads(params):
-    """Gradient mean over ranks; every rank calls it once per prompt group, in the same order."""
+    """Gradient mean over ranks; every rank calls it once per optimizer step, in the same order."""
     if world() == 1:
         return
     for p in params:

@@ -35,3 +35,26 @@ def tiny_data(tmp_path_factory, tiny_dir):
                            ["--preset", "tiny", "--out", str(out), "--n_samples", "24", "--tiny_dir", tiny_dir])
     make_data.main(cfg)
     return out
+
+
+# A small shapes world (world.py with fewer steps than `make shapes`), its data and an SFT LoRA,
+# built through the same code as `make shapes`: what the world tests and the RL learning test use.
+SMALL_WORLD = ["--vae_steps", "400", "--vae_images", "3000", "--base_steps", "1200", "--base_examples", "3000",
+               "--detector_steps", "600", "--embedder_steps", "200", "--judge_steps", "200", "--log_every", "50"]
+
+
+@pytest.fixture(scope="session")
+def shapes_world(tmp_path_factory):
+    import make_data
+    import sft
+    import world
+
+    root = tmp_path_factory.mktemp("shapes")
+    world.build_world(sft.parse_config(world.Config, "world", ["--out", str(root / "world")] + SMALL_WORLD))
+    model = str(root / "world" / "kontext")
+    make_data.main(sft.parse_config(make_data.Config, "make_data", [
+        "--preset", "shapes", "--out", str(root / "data"), "--n_samples", "400", "--model", model]))
+    sft.train(sft.parse_config(sft.Config, "sft", [
+        "--preset", "shapes", "--data", str(root / "data"), "--out", str(root / "sft"), "--model", model,
+        "--steps", "600", "--sample_every", "0", "--ckpt_every", "600"]))
+    return root
