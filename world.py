@@ -51,7 +51,7 @@ from sft import ROOT, TASKS, ensure_tiny_model, pack, parse_config, pil_to_tenso
 @dataclass
 class Config:
     out: str = "world-models"
-    only: str = ""                # build just this model (vae, kontext, detector, embedder, judge)
+    only: str = ""                # build just these models (comma list of vae, kontext, detector, embedder, judge)
     size: int = 32                # world images are size x size pixels
     seed: int = 0
     threads: int = 0              # torch threads; 0 keeps torch's default
@@ -365,9 +365,9 @@ def build_world(cfg):
     import world_perception as wp
 
     out = Path(cfg.out) if Path(cfg.out).is_absolute() else ROOT / cfg.out
-    wanted = [cfg.only] if cfg.only else list(MODELS)
+    wanted = cfg.only.split(",") if cfg.only else list(MODELS)
     if any(w not in MODELS for w in wanted):
-        raise SystemExit(f"--only must be one of {', '.join(MODELS)}, got {cfg.only!r}")
+        raise SystemExit(f"--only takes a comma list of {', '.join(MODELS)}, got {cfg.only!r}")
     times = {}
 
     def build(name, fn):

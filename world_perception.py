@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import rewards
+from bench import iou
 from make_data import (ACTIONS, ATTRIBUTES, BACKGROUNDS, COLORS, RELATIONS, SHAPES, TEXTURES, draw_reference,
                        draw_sample, draw_subject, layout, shape_points)
 
@@ -860,13 +861,6 @@ def roc_auc(pos, neg):
     return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
 
-def box_iou(a, b):
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
 
 def blur_noise(images, seed=0):
     """A fixed stand-in for a decoder's damage (blur sigma 0.8, noise 0.03), for robustness numbers."""
@@ -893,9 +887,9 @@ def evaluate_detector(detector, samples, damage=None):
             gt, tight = clip_box(box, SIZE), mask_box(item_masks(it, SIZE)[0])
             found = det.get(s["shape"], [])
             total += 1
-            hit_any += any(box_iou(b, gt) >= 0.5 for b, _ in found)
-            hit_top += bool(found) and box_iou(found[0][0], gt) >= 0.5
-            hit_tight += bool(found) and box_iou(found[0][0], tight) >= 0.5
+            hit_any += any(iou(b, gt) >= 0.5 for b, _ in found)
+            hit_top += bool(found) and iou(found[0][0], gt) >= 0.5
+            hit_tight += bool(found) and iou(found[0][0], tight) >= 0.5
     return {"recall@0.5": hit_any / total, "recall@0.5_top1": hit_top / total, "recall@0.5_tight": hit_tight / total,
             "subjects": total}
 

@@ -204,7 +204,7 @@ def test_rendered_scene_matches_draw_sample_and_labels_cover_the_subjects():
     assert ((fixed > 0) == (np.asarray(target) != np.array(wp.BACKGROUNDS[meta["background"]])).any(-1)).all()
     for s, box in zip(sample[3], meta["boxes"]):
         tight = wp.mask_box(fixed == wp.SEG_LABELS.index(s["shape"]))
-        assert wp.box_iou(tight, wp.clip_box(box, 32)) > 0.5
+        assert wp.iou(tight, wp.clip_box(box, 32)) > 0.5
 
 
 def test_roc_auc_by_hand():
