@@ -41,7 +41,7 @@ shapes: $(VENV)/.installed
 ABL := runs/shapes-ablation
 PES ?= frame h w hw
 SEEDS ?= 0 1
-ABL_STEPS ?= 1500
+ABL_STEPS ?= 1000
 shapes-ablation: $(VENV)/.installed
 	@set -e; $(PY) world.py; $(PY) make_data.py --preset shapes; files=""; \
 	for pe in $(PES); do for seed in $(SEEDS); do run=$$pe-s$$seed; \

@@ -30,7 +30,7 @@ Each model is built into a temp folder and renamed when whole, so a killed build
 model it was building. Choices here are all ours (the paper has no such world).
 """
 
-import math
+import json
 import random
 import time
 from dataclasses import dataclass
@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 import sft
 from make_data import (ACTIONS, ATTRIBUTES, BACKGROUNDS, COLORS, SHAPES, TEXTURES, draw_reference, draw_sample,
                        draw_subject)
-from sft import ROOT, TASKS, ensure_tiny_model, pack, parse_config, pil_to_tensor
+from sft import ROOT, TASKS, ensure_tiny_model, pack, parse_config
 
 
 @dataclass
@@ -393,7 +393,23 @@ def build_world(cfg):
     if "judge" in wanted:
         build("judge", lambda d: wp.build_judge(d, out / "detector", steps=cfg.judge_steps, seed=cfg.seed,
                                                 degrade=vae_round_trip(vae)))
+    if any(n in times for n in ("detector", "embedder", "judge")) or (
+            set(MODELS) <= set(wanted) and not (out / "quality.json").exists()):
+        report_quality(out, wp.evaluate_world(out / "detector", out / "embedder", out / "judge",
+                                              degrade=vae_round_trip(vae)))
     return out, times
+
+
+def report_quality(out, metrics):
+    """The world's own benchmark: held-out quality of each stand-in, clean and through the VAE."""
+    metrics["vae_psnr"] = json.loads((out / "vae" / "quality.json").read_text())["psnr_heldout"]
+    sft.write_json(out / "quality.json", metrics)
+    for view in ("", "_degraded"):
+        d, e, j = (metrics.get(f"{k}{view}", {}) for k in ("detector", "embedder", "judge"))
+        print(f"[world] held-out{' through the VAE' if view else ''}: detector recall@IoU0.5 "
+              f"{d.get('recall@0.5', float('nan')):.3f} (target 0.95), embedder same/different-identity AUC "
+              f"{e.get('auc', float('nan')):.3f} (0.95), judge correct/corrupted AUC {j.get('auc', float('nan')):.3f} (0.9)")
+    print(f"[world] VAE held-out PSNR {metrics['vae_psnr']:.2f} dB; all figures in {out / 'quality.json'}")
 
 
 def main(cfg):

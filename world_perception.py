@@ -23,9 +23,8 @@ Generated images are blurry and noisy (a small VAE decodes them), so every model
 noise and colour jitter, and with an optional `degrade` callable ([B,3,H,W] in [0,1] -> same, e.g.
 a VAE round trip) applied to part of each batch.
 
-Run:
-    python world_perception.py                 # trains all three into world-models/, prints metrics
-    python world_perception.py runs/wm --quick  # fewer steps, for a smoke run
+Built by world.py (`python world.py`, or `make shapes`), which passes the VAE round trip as `degrade`
+and prints evaluate_world()'s held-out figures into world-models/quality.json.
 """
 
 import functools
@@ -35,7 +34,6 @@ import os
 import random
 import re
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -1016,46 +1014,3 @@ def evaluate_world(detector_dir, embedder_dir, judge_dir, n=300, seed=0, damage=
             out[f"embedder_{name}"] = evaluate_embedder(embed, detector, samples, dmg)
             out[f"judge_{name}"] = evaluate_judge(judge, samples, seed, dmg)
     return out
-
-
-def n_params(path, cls):
-    return sum(p.numel() for p in cls.from_pretrained(path).parameters())
-
-
-def main(argv=None):
-    import argparse
-
-    ap = argparse.ArgumentParser(description="Train the shapes world's detector, embedder and judge.")
-    ap.add_argument("out", nargs="?", default="world-models")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quick", action="store_true", help="few steps: a smoke run, not usable models")
-    ap.add_argument("--eval_n", type=int, default=300)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(1)
-    out = Path(args.out)
-    steps = {"det": 60, "emb": 30, "cls": 40} if args.quick else {"det": 2000, "emb": 250, "cls": 600}
-    secs = {}
-    t = time.time()
-    det = train_detector(out / "detector", steps["det"], args.seed)
-    secs["detector"] = time.time() - t
-    t = time.time()
-    emb = train_embedder(out / "embedder", steps["emb"], args.seed, detector_dir=det)
-    secs["embedder"] = time.time() - t
-    t = time.time()
-    jud = build_judge(out / "judge", det, steps["cls"], args.seed)
-    secs["judge"] = time.time() - t
-    from transformers import SegformerForSemanticSegmentation, ViTForImageClassification, ViTModel
-
-    sizes = {"detector": n_params(det, SegformerForSemanticSegmentation), "embedder": n_params(emb, ViTModel),
-             "judge_classifier": n_params(Path(jud) / "classifier", ViTForImageClassification)}
-    t = time.time()
-    metrics = evaluate_world(det, emb, jud, n=args.eval_n, seed=args.seed)
-    secs["evaluation"] = time.time() - t
-    report = {"metrics": metrics, "train_seconds": secs, "parameters": sizes}
-    (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
-
-
-if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    main()

@@ -179,3 +179,41 @@ def test_dreambench_pairs(tmp_path, tiny_dir):
     assert set(summary) == {"dino", "clip_i", "clip_t"}
     assert all(-1 <= v <= 1 for v in summary.values())
     assert (tmp_path / "db" / "dreambench" / "0.png").exists()
+
+
+def test_strict_columns_keep_failed_items_as_zero():
+    ok = {d: 0.6 for d in bench.DIMENSIONS}
+    rows = [{"subset": "Attribute", "index": 0, **ok}, {"subset": "Attribute", "index": 1, "failed": "no image"},
+            {"subset": "Three", "index": 0, **{**ok, "semantic_alignment": 0.2, "semantic_alignment_strict": 0.2}}]
+    s = bench.summarize(rows, ["Attribute", "Three"])
+    att = s["subsets"]["Attribute"]
+    assert att["subject_consistency"] == pytest.approx(0.6)          # the authors' mean leaves it out
+    assert att["subject_consistency_strict"] == pytest.approx(0.3)   # strict keeps it, as 0
+    assert att["semantic_alignment_strict"] == pytest.approx(0.3)
+    assert s["overall"]["semantic_alignment"] == pytest.approx((0.6 + 0.2) / 2)  # mean of subset means
+    assert s["overall"]["n"] == 2 and s["overall"]["failed"] == 1
+
+
+def test_ablation_table_gives_mean_and_spread_per_variant(tmp_path):
+    def scores(name, v):
+        sub = {s: {d: v for d in bench.DIMENSIONS} for s in SUBSETS}
+        sub["Four"] = {d: 2 * v for d in bench.DIMENSIONS}
+        return {"name": name, "subsets": sub}
+    paths = []
+    for name, v in (("frame-s0", 0.5), ("frame-s1", 0.7), ("hw-s0", 0.1)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(scores(name, v)))
+    table = bench.ablation_table(paths)
+    frame = next(line for line in table.splitlines() if line.startswith("| frame |"))
+    assert frame.startswith("| frame | 2 | 0.600 ± 0.100 | 0.600 ± 0.100 | 0.600 ± 0.100 | 0.600 ± 0.100 | "
+                            "1.200 ± 0.200")
+    assert "| hw | 1 | 0.100 ± 0.000" in table
+
+
+def test_stitched_references_sit_side_by_side():
+    from PIL import Image
+
+    a, b = Image.new("RGB", (32, 32), (255, 0, 0)), Image.new("RGB", (64, 64), (0, 0, 255))
+    s = bench.stitch([a, b])
+    assert s.size == (64, 32)  # b scaled to the common height 32, then placed right of a
+    assert s.getpixel((5, 5)) == (255, 0, 0) and s.getpixel((50, 5)) == (0, 0, 255)

@@ -2,12 +2,10 @@
 hand-made cases plus one tiny end-to-end build (a few training steps) through the real loaders."""
 
 import json
-import random
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import rewards
 import world_perception as wp
