@@ -23,8 +23,8 @@ Nothing in make_data.py, sft.py, rl.py or bench.py knows about this world: confi
 these folders as its models, and the stages load them like hub models.
 
 Run:
-    python world.py                         # builds world-models/ once (resumable per model), ~10 min on 2 cores
-    python world.py --only vae --vae_steps 200    # one model, fewer steps
+    python world.py                         # builds world-models/ once (resumable per model), 11 min on 2 cores
+    python world.py --only vae,kontext --base_steps 1200    # some models, fewer steps (the tests' small world)
     make shapes                             # world, then make_data, sft, rl, bench and the table
 Each model is built into a temp folder and renamed when whole, so a killed build resumes at the
 model it was building. Choices here are all ours (the paper has no such world).
