@@ -6,7 +6,7 @@ stochastic (SDE) version of the flow sampler, keeping every step's latent and lo
 Each image is scored (R = 0.4 PSR + 0.4 judge/10 + 0.2 HPSv3/10, rewards.py); advantages are the
 rewards normalized within the prompt's group; the policy, a fresh LoRA on top of the SFT model
 (its LoRA fused into the base), is updated with a PPO-style clipped ratio on every denoising step
-but the last (DESIGN section 7).
+but the last, in `optimizer_steps` large steps per iteration as Flow-GRPO takes them (DESIGN section 7).
 
 Run:
     python rl.py --preset tiny                           # reads data/tiny, runs/tiny-sft; CPU, minutes
