@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import rewards
+import sft
 from bench import iou
 from make_data import (ACTIONS, ATTRIBUTES, BACKGROUNDS, COLORS, RELATIONS, SHAPES, TEXTURES, draw_reference,
                        draw_sample, draw_subject, layout, shape_points)
@@ -187,12 +188,23 @@ def identity(subject):
 # Augmentation: what a small VAE does to an image (blur, noise, colour drift), plus `degrade`.
 
 def to_tensor(images):
-    return torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
-                        for im in images])
+    """PIL -> [B,3,H,W] in [0, 1] (sft's converters work in [-1, 1])."""
+    return (sft.pil_to_tensor(images) + 1) / 2
 
 
 def to_pil(x):
-    return [Image.fromarray((t.clamp(0, 1).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)) for t in x]
+    return sft.tensor_to_pil(x * 2 - 1)
+
+
+def train_step(loss, opt, sched, bar, show):
+    """One optimizer and schedule step of a perception model's training loop, with its progress."""
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    sched.step()
+    bar.update(1)
+    if show:
+        bar.set_postfix(loss=f"{loss.item():.3f}")
 
 
 def gaussian_blur(x, sigma):
@@ -326,13 +338,7 @@ def train_detector(out_dir, steps=2000, seed=0, degrade=None, batch_size=32, lr=
         logits = model(pixel_values=imagenet_norm(x)).logits
         logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
         loss = F.cross_entropy(logits, y, weight=weight)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        bar.update(1)
-        if step % 100 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+        train_step(loss, opt, sched, bar, show=step % 100 == 0)
     bar.close()
     model.eval()
 
@@ -490,13 +496,7 @@ def train_embedder(out_dir, steps=250, seed=0, detector_dir=None, degrade=None, 
         idx = torch.tensor(idx)
         z = F.normalize(model(pixel_values=canvas_to_input(canv[idx], gen)).last_hidden_state[:, 0], dim=-1)
         loss = supcon_loss(z, labels[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        bar.update(1)
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+        train_step(loss, opt, sched, bar, show=step % 50 == 0)
     bar.close()
     model.eval()
     return save_atomically(out_dir, model.save_pretrained)
@@ -662,13 +662,7 @@ def train_classifier(steps=600, seed=0, degrade=None, batch_size=128, lr=2e-3, n
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         logits = model(pixel_values=(x - 0.5) / 0.5).logits
         loss = F.binary_cross_entropy_with_logits(logits, targets[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        bar.update(1)
-        if step % 100 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+        train_step(loss, opt, sched, bar, show=step % 100 == 0)
     bar.close()
     return model.eval()
 
