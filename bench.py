@@ -31,8 +31,11 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
+import common
+import tiny
 import sft
-from sft import ROOT, barrier, image_grid, parse_config, rank, run_stage, save_png, world, write_json
+from rewards import RewardConfig
+from common import ROOT, barrier, image_grid, parse_config, rank, run_stage, save_png, world, write_json
 
 SUBSETS = ("Attribute", "Action", "Background", "Position", "Complex", "Three", "Four")
 DIMENSIONS = ("subject_consistency", "subject_consistency_strict", "semantic_alignment", "semantic_alignment_strict",
@@ -41,7 +44,9 @@ STRICT = ("subject_consistency_strict", "semantic_alignment_strict")  # every it
 
 
 @dataclass
-class Config:
+class Config(RewardConfig):
+    """bench.py's knobs; the reward knobs (detector, dino, judge, judge_url, weights, ...) come from
+    rewards.RewardConfig and the preset's "rewards" section."""
     preset: str = ""
     psrbench: str = ""            # folder in the authors' layout
     results: str = ""             # score these outputs instead of generating
@@ -65,9 +70,6 @@ class Config:
     build_psrbench: bool = False  # build the procedural PSRBench (held-out ids) at --psrbench if it is missing
     stitch_refs: bool = False     # paste all references side by side into one image: how users give a
                                   # single-reference editor (FLUX.1 Kontext) several subjects today
-    tiny_dir: str = "tiny-models"
-    device: str = ""
-    die_after: int = 0            # fault injection for tests: SIGKILL after generating this many images
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,9 +177,9 @@ def resolve_loras(cfg, name):
 
 def load_model(cfg, device):
     """The model under test: the base with each of its LoRAs fused in order."""
-    m = sft.load_kontext(cfg.model, device, sft.model_dtype(device), cfg.tiny_dir)
+    m = common.load_kontext(cfg.model, device, common.model_dtype(device), cfg.tiny_dir)
     for k, lora in enumerate(resolve_loras(cfg, cfg.preset or "run")):
-        sft.load_lora_into(m.transformer, lora, fuse=True, name=f"l{k}")
+        common.load_lora_into(m.transformer, lora, fuse=True, name=f"l{k}")
     return m
 
 
@@ -202,17 +204,14 @@ def generate_all(cfg, bench, folder, out, device):
     m = load_model(cfg, device)
     made = 0
     for subset, i, item in tqdm(mine, desc="generate", disable=rank() != 0):
-        refs = [sft.open_image(folder, p, f"{subset}/{i}") for p in item["input_path"]]
+        refs = [common.open_image(folder, p, f"{subset}/{i}") for p in item["input_path"]]
         if cfg.stitch_refs:
             refs = [stitch(refs)]
         image = sft.generate(m, [item["instruction"]], [refs], cfg.resolution, cfg.resolution, cfg.steps,
                              cfg.guidance, cfg.seed + i, cfg.pe, cfg.max_text_len)[0]
         save_png(result_path(cfg, out, subset, i, item), image)
         made += 1
-        if made == cfg.die_after:
-            import os
-
-            os.kill(os.getpid(), 9)
+        common.maybe_die("bench", made)
     return made
 
 
@@ -224,7 +223,7 @@ def score_item(mix, folder, image_path, subset, index, item):
 
     with Image.open(image_path) as im:
         image = im.convert("RGB")
-    refs = [sft.open_image(folder, p, f"{subset}[{index}]") for p in item["input_path"]]
+    refs = [common.open_image(folder, p, f"{subset}[{index}]") for p in item["input_path"]]
     cats = categories_of(item)
     psr = rewards.psr_reward([image], [refs], [cats], mix.detector, mix.embed, ("official", "strict"))
     row = {"subject_consistency": psr["official"]["score"][0], "subject_consistency_strict": psr["strict"]["score"][0]}
@@ -250,9 +249,7 @@ def score_item(mix, folder, image_path, subset, index, item):
 def score_all(cfg, bench, folder, out, device):
     import rewards
 
-    rcfg = parse_config(rewards.Config, "rewards", ["--preset", cfg.preset] if cfg.preset else [])
-    rcfg.tiny_dir = cfg.tiny_dir
-    mix = rewards.build_reward_mix(rcfg, device, sft.model_dtype(device))
+    mix = rewards.build_reward_mix(cfg, device, common.model_dtype(device))
     items = [(s, i, it) for s in bench for i, it in enumerate(bench[s])]
     rows = []
     for subset, i, item in tqdm(items[rank():: world()], desc="score", disable=rank() != 0):
@@ -361,7 +358,7 @@ def contact_sheet(cfg, bench, folder, out, per_subset=2):
     for s in bench:
         for i, item in enumerate(bench[s][:per_subset]):
             path = result_path(cfg, out, s, i, item)
-            refs = [sft.open_image(folder, p, f"{s}/{i}") for p in item["input_path"]]
+            refs = [common.open_image(folder, p, f"{s}/{i}") for p in item["input_path"]]
             try:
                 with Image.open(path) as im:
                     result = im.convert("RGB")
@@ -408,7 +405,7 @@ def compare_sheet(score_files, per_subset=2):
         if not (folder / f"{subset}.json").exists():
             continue
         for i, item in enumerate(json.loads((folder / f"{subset}.json").read_text())[:per_subset]):
-            refs = [sft.open_image(folder, p, f"{subset}/{i}") for p in item["input_path"]]
+            refs = [common.open_image(folder, p, f"{subset}/{i}") for p in item["input_path"]]
             outs = []
             for sc in scores:
                 path = Path(sc["images"]) / subset / f"{i}.png"
@@ -418,7 +415,7 @@ def compare_sheet(score_files, per_subset=2):
 
 
 def write_report(out, models, sheet=None):
-    sft.write_text(out / "report.md", report_md(models))
+    common.write_text(out / "report.md", report_md(models))
     save_png(out / "radar.png", radar(models))
     if sheet is not None:
         save_png(out / "contact_sheet.png", sheet)
@@ -437,7 +434,7 @@ def build_tiny_psrbench(folder, n, size, seed=12345):
     folder = Path(folder)
     if all((folder / f"{s}.json").exists() for s in SUBSETS):
         return folder
-    from sft import TASKS
+    from common import TASKS
 
     for subset in SUBSETS:
         mix = tuple(1.0 if t == TASK_OF[subset] else 0.0 for t in TASKS)
@@ -475,17 +472,16 @@ def dreambench(cfg, out, device):
 
     path = Path(cfg.dreambench)
     items = json.loads(path.read_text())
-    clip_path = rewards.tiny_path("clip", cfg.tiny_dir) if cfg.clip == "tiny" else cfg.clip
+    clip_path = tiny.tiny_path("clip", cfg.tiny_dir) if cfg.clip == "tiny" else cfg.clip
     clip = CLIPModel.from_pretrained(clip_path).to(device).eval()
     image_proc, tok = AutoImageProcessor.from_pretrained(clip_path), AutoTokenizer.from_pretrained(clip_path)
-    rcfg = parse_config(rewards.Config, "rewards", ["--preset", cfg.preset] if cfg.preset else [])
-    embed = rewards.DinoEmbedder(rcfg.dino, device, cfg.tiny_dir)
+    embed = rewards.DinoEmbedder(cfg.dino, device, cfg.tiny_dir)
     m = None
     rows = []
     for i, it in enumerate(items):
         subj = [sorted(p for p in (path.parent / d).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
                 for d in it["subjects"]]
-        refs = [[sft.open_image(p.parent, p.name, f"dreambench {i}") for p in ps] for ps in subj]
+        refs = [[common.open_image(p.parent, p.name, f"dreambench {i}") for p in ps] for ps in subj]
         out_path = (Path(cfg.results) if cfg.results else out / "dreambench") / f"{i}.png"
         if not out_path.exists():
             m = m or load_model(cfg, device)
@@ -512,11 +508,11 @@ def dreambench(cfg, out, device):
 # ----------------------------------------------------------------------------------------------
 
 def main(cfg):
-    device = sft.setup_dist(cfg.device)
+    device = common.setup_dist(cfg.device)
     name = cfg.preset or "run"
     out = Path(cfg.out or ROOT / "runs" / f"{name}-bench")
-    sft.print_config(cfg, "bench", out)
-    sft.ensure_writable(out, "bench")
+    common.print_config(cfg, "bench", out)
+    common.ensure_writable(out, "bench")
     if cfg.compare:
         paths = [Path(p) for p in cfg.compare.split(",") if p]
         models = [json.loads(p.read_text()) for p in paths]
@@ -529,7 +525,7 @@ def main(cfg):
     if cfg.ablation:
         if rank() == 0:
             table = ablation_table([Path(p) for p in cfg.ablation.split(",") if p])
-            sft.write_text(out / "ablation.md", table)
+            common.write_text(out / "ablation.md", table)
             print(table)
         return out
     if cfg.dreambench:

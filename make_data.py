@@ -37,9 +37,9 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from sft import (ROOT, TASKS, append_jsonl, barrier, build_cache, ensure_tiny_model, ensure_writable, image_grid,
-                 load_kontext, load_samples, model_dtype, parse_config, print_config, rank, read_jsonl, resolve_model,
-                 run_stage, save_png, setup_dist, world, write_json)
+from common import (ROOT, TASKS, append_jsonl, barrier, build_cache, ensure_writable, image_grid, load_kontext,
+                    load_samples, maybe_die, model_dtype, parse_config, print_config, rank, read_jsonl, resolve_model,
+                    run_stage, save_png, setup_dist, world, write_json)
 
 
 @dataclass
@@ -77,7 +77,6 @@ class Config:
     gen_steps: int = 28
     t2i_guidance: float = 3.5
     edit_guidance: float = 2.5
-    die_after: int = 0            # fault injection for tests: SIGKILL after this many samples this run
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,7 +273,7 @@ def merge_rank_files(out):
             for row in read_jsonl(path):
                 rows.setdefault(row["id"], row)
     ordered = sorted(rows.values(), key=lambda r: r["id"].split("-")[-1])
-    from sft import atomic_path
+    from common import atomic_path
 
     with atomic_path(main) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in ordered))
@@ -294,8 +293,7 @@ def make_procedural(cfg, out):
             continue
         write_sample(out, sid, *rest, shard_file)
         made += 1
-        if made == cfg.die_after:
-            os.kill(os.getpid(), 9)
+        maybe_die("make_data", made)
     return made, time.time() - t0
 
 
@@ -368,11 +366,11 @@ class TextModel:
             return
         from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
 
-        from rewards import tiny_path
+        from tiny import tiny_path
 
         path = spec
         if spec == "tiny":
-            path = str(ensure_tiny_model(tiny_dir, "llm", tiny_llm)) if kind == "llm" else tiny_path("judge", tiny_dir)
+            path = tiny_path("llm" if kind == "llm" else "judge", tiny_dir)
         self.tok = AutoTokenizer.from_pretrained(path)
         if kind == "llm":
             self.model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
@@ -399,20 +397,6 @@ class TextModel:
             enc = vl_inputs(self.tok, self.ip, [image], [prompt], self.device)
         out = self.model.generate(**enc, max_new_tokens=self.max_tokens, do_sample=False)
         return self.tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-
-
-def tiny_llm(folder, seed=0):
-    """A tiny random Qwen2 causal LM with the tiny Qwen tokenizer: the local LLM backend's stand-in."""
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
-    from rewards import tiny_path
-
-    torch.manual_seed(seed)
-    tok = AutoTokenizer.from_pretrained(tiny_path("judge", Path(folder).parent))
-    Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                 num_attention_heads=2, num_key_value_heads=1, eos_token_id=tok.eos_token_id,
-                                 pad_token_id=tok.pad_token_id)).save_pretrained(folder)
-    tok.save_pretrained(folder)
 
 
 def write_prompts(llm, cats, rng, retries):
@@ -611,8 +595,7 @@ def make_models(cfg, out, device):
             continue
         write_sample(out, *sample, shard_file)
         made += 1
-        if made == cfg.die_after:
-            os.kill(os.getpid(), 9)
+        maybe_die("make_data", made)
     return made, drops, timing
 
 
@@ -626,7 +609,7 @@ def drop_summary(out):
 
 def preview(out, n):
     samples = load_samples(out)[:n]
-    from sft import open_image
+    from common import open_image
 
     rows = [[open_image(out, s["subjects"][k]["ref"], s["id"]) for k in range(len(s["subjects"]))]
             + [open_image(out, s["target"], s["id"])] for s in samples]

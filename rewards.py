@@ -32,6 +32,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
@@ -39,14 +40,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from sft import ensure_tiny_model, parse_config, print_config, write_json
+from common import parse_config, print_config, write_json
+from tiny import tiny_path
 
 
 @dataclass
-class Config:
-    preset: str = ""
-    images: str = ""              # items JSON (or a folder with items.json) to score
-    out: str = ""                 # default: <images>.scores.json
+class RewardConfig:
+    """The reward knobs. rl.py's and bench.py's Configs extend this one, so every reward knob is on
+    their command line too (`python rl.py --weights 0.5,0.3,0.2 --judge_url ...`), and a preset's
+    "rewards" section sets them for every stage at once (parse_config reads `preset_sections`)."""
+    preset_sections: ClassVar[tuple] = ("rewards",)
     detector: str = "IDEA-Research/grounding-dino-tiny"
     dino: str = "facebook/dino-vits16"
     judge: str = "Qwen/Qwen2.5-VL-7B-Instruct"   # in-process judge; ignored when judge_url is set
@@ -64,137 +67,42 @@ class Config:
     box_threshold: float = 0.35
     text_threshold: float = 0.25
     mode: str = "strict"          # strict | official
-    weights: tuple = (0.4, 0.4, 0.2)   # PSR, judge, HPSv3
+    weights: tuple = (0.4, 0.4, 0.2)   # PSR, judge, HPSv3 (the paper's mix)
     scales: tuple = (1.0, 10.0, 10.0)  # each term is divided by its scale before mixing
-    benchmark: bool = False
-    n_images: int = 24
-    batch_size: int = 24
+    reward_batch: int = 24        # images scored per batch
     tiny_dir: str = "tiny-models"
     device: str = ""
+
+
+@dataclass
+class Config(RewardConfig):
+    """rewards.py's own command line: score a list of items, or benchmark the batching."""
+    preset: str = ""
+    images: str = ""              # items JSON (or a folder with items.json) to score
+    out: str = ""                 # default: <images>.scores.json
+    benchmark: bool = False
+    n_images: int = 24
 
 
 # ----------------------------------------------------------------------------------------------
 # Tiny random models of the real classes, built locally, for tests and the CPU preset.
 
-def tiny_grounding_dino(folder, seed=0):
-    from transformers import (BertConfig, BertTokenizerFast, GroundingDinoConfig, GroundingDinoForObjectDetection,
-                              GroundingDinoImageProcessor, GroundingDinoProcessor, SwinConfig)
-
-    torch.manual_seed(seed)
-    words = sorted(set(re.findall(r"[a-z]+", " ".join(TINY_CATEGORY_WORDS))))
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "."] + words
-    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)})
-    backbone = SwinConfig(window_size=7, embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], image_size=64,
-                          out_features=["stage2", "stage3", "stage4"], out_indices=[2, 3, 4])
-    text = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                      intermediate_size=32, max_position_embeddings=64)
-    cfg = GroundingDinoConfig(backbone_config=backbone, text_config=text, d_model=32, num_queries=20,
-                              encoder_layers=1, decoder_layers=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
-                              encoder_attention_heads=2, decoder_attention_heads=2, num_feature_levels=3,
-                              encoder_n_points=2, decoder_n_points=2, max_text_len=64)
-    GroundingDinoForObjectDetection(cfg).save_pretrained(folder)
-    GroundingDinoProcessor(GroundingDinoImageProcessor(size={"shortest_edge": 64, "longest_edge": 64}),
-                           tok).save_pretrained(folder)
 
 
-def tiny_dino(folder, seed=0):
-    from transformers import ViTConfig, ViTModel
-
-    torch.manual_seed(seed)
-    ViTModel(ViTConfig(image_size=224, patch_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                       intermediate_size=64), add_pooling_layer=False).save_pretrained(folder)
 
 
-QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                "<|image_pad|>", "<|video_pad|>"]
-QWEN_CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
-             "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|>"
-             "<|vision_end|>{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def tiny_qwen_vl(folder, kind="qwen2_5_vl", seed=0):
-    """A tiny Qwen2.5-VL (judge) or Qwen2-VL (HPSv3 backbone), with a locally trained BPE tokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import (PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
-                              Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor)
-
-    torch.manual_seed(seed)
-    bpe = Tokenizer(models.BPE(unk_token="<|endoftext|>"))
-    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
-    corpus = ["[Thought]: [Score]: 0 1 2 3 4 5 6 7 8 9 10 . the image follows instruction score rate overall "
-              "picture attributes action background subjects good bad END"]
-    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=120, special_tokens=QWEN_SPECIAL))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                  chat_template=QWEN_CHAT)
-    ids = {s: tok.convert_tokens_to_ids(s) for s in QWEN_SPECIAL}
-    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                num_attention_heads=2, num_key_value_heads=1, bos_token_id=ids["<|endoftext|>"],
-                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
-    special = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-                   vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-    if kind == "qwen2_5_vl":
-        vision = dict(depth=1, hidden_size=32, out_hidden_size=32, intermediate_size=32, num_heads=2,
-                      fullatt_block_indexes=[0], window_size=56)
-        model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision, **special))
-    else:
-        vision = dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2)
-        model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config=vision, **special))
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112).save_pretrained(folder)
 
 
-HPS_TINY_PROMPT = (
-    '# Prompt constants for the tiny HPSv3 stand-in (the real ones are read from the hpsv3 package).\n'
-    'INSTRUCTION = "rate the picture for {text_prompt} ."\n'
-    'prompt_with_special_token = " overall score <|Reward|> END"\n')
 
 
-def tiny_hpsv3(folder, seed=1):
-    """A tiny Qwen2-VL backbone folder plus HPSv3.safetensors: backbone, resized embeddings and rm_head."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    tiny_qwen_vl(folder / "base", kind="qwen2_vl", seed=seed)
-    model, head, tok = build_hps_model(str(folder / "base"), "cpu", torch.float32)
-    torch.manual_seed(seed)
-    for p in head.parameters():
-        torch.nn.init.normal_(p, std=0.5)
-    state = {**{k: v.contiguous() for k, v in model.state_dict().items()},
-             **{f"rm_head.{k}": v for k, v in head.state_dict().items()}}
-    save_file(state, str(folder / "HPSv3.safetensors"))
-    (folder / "hps_prompt.py").write_text(HPS_TINY_PROMPT)
 
 
-TINY_CATEGORY_WORDS = ["circle", "square", "triangle", "star", "diamond", "hexagon", "cross", "ring",
-                       "dog", "cat", "hat", "scarf", "person", "cup", "chair", "bottle", "car", "bird"]
 
 
-def tiny_clip(folder, seed=0):
-    """A tiny CLIPModel (bench.py's DreamBench CLIP-I / CLIP-T) with its processor's two parts."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    from sft import build_tiny_tokenizer
-
-    torch.manual_seed(seed)
-    tok = build_tiny_tokenizer(16)
-    CLIPModel(CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=16, eos_token_id=tok.eos_token_id,
-                         bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8), projection_dim=16)).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
 
 
-def tiny_path(name, tiny_dir):
-    builders = {"detector": tiny_grounding_dino, "dino": tiny_dino, "judge": tiny_qwen_vl, "hpsv3": tiny_hpsv3,
-                "clip": tiny_clip}
-    return str(ensure_tiny_model(tiny_dir, name, builders[name]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -889,7 +797,7 @@ def build_reward_mix(cfg, device="cpu", dtype=torch.float32, with_judge=True, wi
     hps = HPSv3(cfg.hps_base, cfg.hps_ckpt, cfg.hps_prompt, device, dtype, cfg.hps_pixels, cfg.tiny_dir) if with_hps else None
     templates = load_judge_templates(cfg.judge_templates) if cfg.judge_templates else None
     return RewardMix(detector, embed, judge, hps, cfg.weights, cfg.scales, cfg.mode, templates, cfg.judge_fallback,
-                     cfg.batch_size)
+                     cfg.reward_batch)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -984,7 +892,7 @@ def run_benchmark(cfg, device):
 
 
 def main(cfg):
-    from sft import setup_dist
+    from common import setup_dist
 
     device = setup_dist(cfg.device)
     if cfg.benchmark:

@@ -27,19 +27,23 @@ import torch
 from PIL import ImageStat
 from tqdm.auto import tqdm
 
+import common
 import sft
-from sft import (ROOT, append_jsonl, autocast, barrier, decode_latents, image_grid, open_image, pack, rank,
-                 save_png, tensor_to_pil, velocity, world)
+from common import (ROOT, append_jsonl, autocast, barrier, decode_latents, image_grid, open_image, rank, save_png,
+                    tensor_to_pil, world)
+from rewards import RewardConfig
+from sft import pack, velocity
 
 
 @dataclass
-class Config:
+class Config(RewardConfig):
+    """Flow-GRPO's knobs; the reward knobs (detector, dino, judge, judge_url, weights, ...) come from
+    rewards.RewardConfig and the preset's "rewards" section, and can be set here on the command line."""
     preset: str = ""
     model: str = "black-forest-labs/FLUX.1-Kontext-dev"
     sft_lora: str = ""            # default runs/<preset>-sft/lora; "none" starts from the base model
     data: str = ""                # default data/<preset>
     out: str = ""                 # default runs/<preset>-rl
-    tiny_dir: str = "tiny-models"
     resolution: int = 512
     max_text_len: int = 512
     pe: str = "frame"
@@ -58,22 +62,13 @@ class Config:
     adv_clip: float = 5.0
     beta: float = 0.0             # KL to the model without the RL adapter
     grad_clip: float = 1.0
-    reward: str = "mix"           # mix (rewards.py) | brightness (mean pixel value) | module:function
-    # the mix's models and weights come from the preset's "rewards" section; these override it when set
-    weights: tuple = ()           # PSR, judge, HPSv3, e.g. --weights 0.4,0.4,0.2
-    detector: str = ""
-    dino: str = ""
-    judge: str = ""
-    judge_url: str = ""
-    judge_model: str = ""
+    reward: str = "mix"           # mix (rewards.py, with the reward knobs) | brightness (mean pixel value) | module:function
     n_eval: int = 4               # held-out prompts (the dataset's last ones) for the eval curve
     eval_every: int = 10
     ckpt_every: int = 1
     kernels: str = "torch"
     measure_overhead: bool = False
     seed: int = 0
-    device: str = ""
-    die_at_iter: int = 0          # fault injection for tests: SIGKILL after this iteration
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,12 +204,7 @@ def build_reward(cfg, device):
         raise SystemExit(f"--reward must be mix, brightness or module:function, got {cfg.reward!r}")
     import rewards
 
-    rcfg = sft.parse_config(rewards.Config, "rewards", ["--preset", cfg.preset] if cfg.preset else [])
-    rcfg.tiny_dir = cfg.tiny_dir
-    for key in ("weights", "detector", "dino", "judge", "judge_url", "judge_model"):
-        if getattr(cfg, key):
-            setattr(rcfg, key, sft._coerce(getattr(cfg, key), getattr(rcfg, key)))  # rewards.py's types
-    mix = rewards.build_reward_mix(rcfg, device, sft.model_dtype(device))
+    mix = rewards.build_reward_mix(cfg, device, common.model_dtype(device))
     mix.embed.fast = torch.device(device).type == "cuda"
     return mix
 
@@ -255,10 +245,10 @@ def step_loss(m, transformer, ro, j, adv, mask, cfg):
     kl = torch.zeros((), device=x.device)
     if cfg.beta > 0:
         with torch.no_grad(), autocast(x.device):
-            sft.unwrap(transformer).disable_adapters()
+            common.unwrap(transformer).disable_adapters()
             v_ref = velocity(m, x.to(m.dtype), refs.expand(b, -1, -1), sig, t5.expand(b, -1, -1),
                              pooled.expand(b, -1), (lh // 2, lw // 2), hws, cfg.pe, cfg.guidance, transformer)
-            sft.unwrap(transformer).enable_adapters()
+            common.unwrap(transformer).enable_adapters()
         _, _, mean_ref, _ = sde_step(x, v_ref, s, s_next, cfg.noise_level, prev_sample=lat[j + 1],
                                      second_sigma=float(sigmas[1]))
         dt = s_next - s
@@ -449,31 +439,31 @@ def prepare_policy(m, cfg, sft_lora):
     """SFT LoRA fused into the base, then a fresh RL LoRA; its parameters are returned."""
     if sft_lora is not None:
         try:
-            sft.load_lora_into(m.transformer, sft_lora, fuse=True)
+            common.load_lora_into(m.transformer, sft_lora, fuse=True)
         except (RuntimeError, ValueError) as e:  # shapes of another model
             raise SystemExit(f"{sft_lora} does not fit the model {m.path} ({type(e).__name__}: {str(e)[:200]}): "
                              f"rerun `python sft.py` with this model, or pass --sft_lora")
-    params = sft.add_lora(m.transformer, cfg.lora_rank, cfg.lora_alpha, cfg.seed, name="rl")
+    params = common.add_lora(m.transformer, cfg.lora_rank, cfg.lora_alpha, cfg.seed, name="rl")
     m.transformer.set_adapter("rl")
     return params
 
 
 def main(cfg):
-    device = sft.setup_dist(cfg.device)
+    device = common.setup_dist(cfg.device)
     name = cfg.preset or "run"
     data_dir = Path(cfg.data or ROOT / "data" / name)
     out = Path(cfg.out or ROOT / "runs" / f"{name}-rl")
     sft_lora = None if cfg.sft_lora == "none" else Path(cfg.sft_lora or ROOT / "runs" / f"{name}-sft" / "lora")
-    sft.print_config(cfg, "rl", out)
-    sft.ensure_writable(out, "rl")
+    common.print_config(cfg, "rl", out)
+    common.ensure_writable(out, "rl")
     if sft_lora is not None and not (sft_lora / "pytorch_lora_weights.safetensors").exists():
         raise SystemExit(f"{sft_lora} has no pytorch_lora_weights.safetensors: run `python sft.py --preset {name}` "
                          f"first (or pass --sft_lora none to start from the base model)")
     if cfg.group_size % world():
         raise SystemExit(f"group_size {cfg.group_size} must be divisible by the {world()} ranks")
-    m = sft.load_kontext(cfg.model, device, sft.model_dtype(device), cfg.tiny_dir)
-    sft.use_kernels(m.transformer, cfg.kernels)
-    samples, cache = sft.load_dataset(m, data_dir, cfg.resolution, cfg.max_text_len)
+    m = common.load_kontext(cfg.model, device, common.model_dtype(device), cfg.tiny_dir)
+    common.use_kernels(m.transformer, cfg.kernels)
+    samples, cache = common.load_dataset(m, data_dir, cfg.resolution, cfg.max_text_len)
     if len(samples) <= cfg.n_eval:
         raise SystemExit(f"{data_dir} has {len(samples)} samples; rl needs more than n_eval={cfg.n_eval}")
     train_set, eval_set = samples[: len(samples) - cfg.n_eval], samples[len(samples) - cfg.n_eval:]
@@ -481,9 +471,9 @@ def main(cfg):
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     reward_fn = build_reward(cfg, device)
     ckpt = out / "checkpoint.pt"
-    start = sft.load_checkpoint(ckpt, m.transformer, opt, name="rl")["step"] if ckpt.exists() else 0
+    start = common.load_checkpoint(ckpt, m.transformer, opt, name="rl")["step"] if ckpt.exists() else 0
     if rank() == 0:
-        sft.truncate_log(out / "log.jsonl", start)  # iterations past the checkpoint run again
+        common.truncate_log(out / "log.jsonl", start)  # iterations past the checkpoint run again
         if start:
             print(f"[rl] resumed from {ckpt} at iteration {start}")
     first_eval = last_eval = None
@@ -507,12 +497,11 @@ def main(cfg):
         if rank() == 0:
             append_jsonl(out / "log.jsonl", log)
             if (it + 1) % cfg.ckpt_every == 0 or it + 1 == cfg.iterations:
-                sft.save_checkpoint(ckpt, m.transformer, opt, it + 1, name="rl")
+                common.save_checkpoint(ckpt, m.transformer, opt, it + 1, name="rl")
         barrier()
-        if it + 1 == cfg.die_at_iter:
-            os.kill(os.getpid(), 9)
+        common.maybe_die("rl", it + 1)
     if rank() == 0:
-        sft.save_lora(m.transformer, out / "lora", name="rl")
+        common.save_lora(m.transformer, out / "lora", name="rl")
         print(f"[rl] done: {cfg.iterations} iterations ({cfg.iterations - start} this run) in "
               f"{time.time() - t_start:.1f}s; held-out reward first {first_eval} last {last_eval}")
         if cfg.measure_overhead:
@@ -525,4 +514,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    sft.run_stage("rl", main, sft.parse_config(Config, "rl"))
+    common.run_stage("rl", main, common.parse_config(Config, "rl"))

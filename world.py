@@ -42,10 +42,13 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+import common
+import tiny
 import sft
 from make_data import (ACTIONS, ATTRIBUTES, BACKGROUNDS, COLORS, SHAPES, TEXTURES, draw_reference, draw_sample,
                        draw_subject)
-from sft import ROOT, TASKS, ensure_tiny_model, pack, parse_config
+from common import ROOT, TASKS, ensure_tiny_model, parse_config
+from sft import pack
 
 
 @dataclass
@@ -162,7 +165,7 @@ def train_vae(cfg, folder):
     vae.register_to_config(shift_factor=float(lat.mean()), scaling_factor=float(1 / lat.std()))
     vae.save_pretrained(folder)
     value = vae_eval(vae, held)
-    sft.write_json(Path(folder) / "quality.json", {"psnr_heldout": value, "steps": cfg.vae_steps})
+    common.write_json(Path(folder) / "quality.json", {"psnr_heldout": value, "steps": cfg.vae_steps})
     print(f"[world] vae: held-out PSNR {value:.2f} dB after {cfg.vae_steps} steps")
     return value
 
@@ -177,7 +180,7 @@ def train_vae(cfg, folder):
 # text (as FLUX.1 Kontext can) but has seen only one identity at a time. The text encoders are tiny
 # T5 and CLIP of the real classes, trained with the transformer (the stages then keep them frozen).
 
-WORLD_WORDS = sft.TINY_WORDS + " outline tilted upside down give one by it ; at centre"
+WORLD_WORDS = tiny.TINY_WORDS + " outline tilted upside down give one by it ; at centre"
 POSITIONS = {"left": (0.27, 0.5), "right": (0.73, 0.5), "top": (0.5, 0.27), "bottom": (0.5, 0.73),
              "centre": (0.5, 0.5)}
 
@@ -216,7 +219,7 @@ def build_text_encoders(max_len, seed):
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
-    tok = sft.build_tiny_tokenizer(max_len, WORLD_WORDS)
+    tok = tiny.build_tiny_tokenizer(max_len, WORLD_WORDS)
     t5 = T5EncoderModel(T5Config(
         vocab_size=len(tok), d_model=64, d_ff=128, d_kv=16, num_layers=2, num_heads=4, dropout_rate=0.0,
         decoder_start_token_id=0, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id))
@@ -249,7 +252,7 @@ def build_scheduler():
 
 @torch.no_grad()
 def encode_latents(vae, images, batch=256):
-    """uint8 [N,3,H,W] -> normalized latents [N,8,H/4,W/4], as sft.encode_images computes them."""
+    """uint8 [N,3,H,W] -> normalized latents [N,8,H/4,W/4], as common.encode_images computes them."""
     lat = torch.cat([vae.encode(to_unit(images[i:i + batch])).latent_dist.mode() for i in range(0, len(images), batch)])
     return (lat - vae.config.shift_factor) * vae.config.scaling_factor
 
@@ -311,7 +314,7 @@ def train_base(cfg, folder, vae_folder):
     vae = AutoencoderKL.from_pretrained(vae_folder).eval().requires_grad_(False)
     tok, t5, clip = build_text_encoders(cfg.max_text_len, cfg.seed)
     tr = build_transformer(cfg.seed)
-    m = sft.Kontext(transformer=tr, vae=vae, clip=clip, clip_tok=tok, t5=t5, t5_tok=tok,
+    m = common.Kontext(transformer=tr, vae=vae, clip=clip, clip_tok=tok, t5=t5, t5_tok=tok,
                     scheduler=build_scheduler(), path="", device=torch.device("cpu"), dtype=torch.float32)
     x0, ref, ids_t5, ids_clip, _ = encode_base_examples(cfg, vae, tok)
     modules = [tr, t5, clip]
@@ -335,7 +338,7 @@ def train_base(cfg, folder, vae_folder):
         if (step + 1) % cfg.log_every == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
     ema.copy_to_model()
-    sft.save_components(dict(transformer=tr.eval(), vae=vae, text_encoder=clip.eval(), tokenizer=tok,
+    tiny.save_components(dict(transformer=tr.eval(), vae=vae, text_encoder=clip.eval(), tokenizer=tok,
                              text_encoder_2=t5.eval(), tokenizer_2=tok, scheduler=m.scheduler),
                         folder, "FluxKontextPipeline")
 
@@ -403,7 +406,7 @@ def build_world(cfg):
 def report_quality(out, metrics):
     """The world's own benchmark: held-out quality of each stand-in, clean and through the VAE."""
     metrics["vae_psnr"] = json.loads((out / "vae" / "quality.json").read_text())["psnr_heldout"]
-    sft.write_json(out / "quality.json", metrics)
+    common.write_json(out / "quality.json", metrics)
     for view in ("", "_degraded"):
         d, e, j = (metrics.get(f"{k}{view}", {}) for k in ("detector", "embedder", "judge"))
         print(f"[world] held-out{' through the VAE' if view else ''}: detector recall@IoU0.5 "
@@ -421,4 +424,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    sft.run_stage("world", main, parse_config(Config, "world"))
+    common.run_stage("world", main, parse_config(Config, "world"))

@@ -41,14 +41,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+import common
 import rewards
-import sft
 from bench import iou
 from make_data import (ACTIONS, ATTRIBUTES, BACKGROUNDS, COLORS, RELATIONS, SHAPES, TEXTURES, draw_reference,
                        draw_sample, draw_subject, layout, shape_points)
 
 SIZE = 32                                           # the world's image size, everywhere
-WORLD_MIX = (1.0, 1.0, 1.0, 1.0, 1.0, 0.5, 0.5)     # make_data's default task mix (sft.TASKS order)
+WORLD_MIX = (1.0, 1.0, 1.0, 1.0, 1.0, 0.5, 0.5)     # make_data's default task mix (common.TASKS order)
 HELD_OUT = 9_000_000                                # id_offset of evaluation samples; training uses 0..
 SEG_LABELS = ("background",) + SHAPES + ("hat",)    # a hat is its own label so it is never a triangle
 CROP_LABELS = ("hat", "outline")                    # the judge's crop classifier: attributes
@@ -189,11 +189,11 @@ def identity(subject):
 
 def to_tensor(images):
     """PIL -> [B,3,H,W] in [0, 1] (sft's converters work in [-1, 1])."""
-    return (sft.pil_to_tensor(images) + 1) / 2
+    return (common.pil_to_tensor(images) + 1) / 2
 
 
 def to_pil(x):
-    return sft.tensor_to_pil(x * 2 - 1)
+    return common.tensor_to_pil(x * 2 - 1)
 
 
 def train_step(loss, opt, sched, bar, show):

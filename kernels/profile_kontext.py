@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import rl  # noqa: E402
 import sft  # noqa: E402
+import common
 
 
 def sync(device):
@@ -55,7 +56,7 @@ def text_inputs(m, b, device, text_len):
 
 
 def profile_sft(m, n_refs, res, args, kernels):
-    sft.use_kernels(m.transformer, kernels)
+    common.use_kernels(m.transformer, kernels)
     cfg = sft.Config(pe="frame", guidance=2.5)
     lat = res // 8
     g = torch.Generator().manual_seed(1)
@@ -86,7 +87,7 @@ def profile_sft(m, n_refs, res, args, kernels):
 
 
 def profile_rl(m, res, args, kernels, params, opt):
-    sft.use_kernels(m.transformer, kernels)
+    common.use_kernels(m.transformer, kernels)
     cfg = rl.Config(resolution=res, steps=args.rl_steps, group_size=args.group, pe="frame", guidance=2.5)
     lat = res // 8
     g = torch.Generator().manual_seed(2)
@@ -133,9 +134,9 @@ def random_reward_models(device, small):
                                 rewards.HPSv3("tiny", "tiny", tiny_dir=tiny, device=device))
         return mix
     dtype = torch.bfloat16
-    tiny_vl = rewards.tiny_path("judge", "tiny-models")  # tokenizer and chat template only
+    tiny_vl = tiny.tiny_path("judge", "tiny-models")  # tokenizer and chat template only
     tok = AutoTokenizer.from_pretrained(tiny_vl)
-    ids = {s: tok.convert_tokens_to_ids(s) for s in rewards.QWEN_SPECIAL}
+    ids = {s: tok.convert_tokens_to_ids(s) for s in tiny.QWEN_SPECIAL}
     special = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                    vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
     text7b = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
@@ -174,7 +175,7 @@ def random_reward_models(device, small):
     hps = rewards.HPSv3.__new__(rewards.HPSv3)
     hps_tok = AutoTokenizer.from_pretrained(tiny_vl)
     hps_tok.add_special_tokens({"additional_special_tokens": [rewards.REWARD_TOKEN]})
-    prompt_file = Path(rewards.tiny_path("hpsv3", "tiny-models")) / "hps_prompt.py"
+    prompt_file = Path(tiny.tiny_path("hpsv3", "tiny-models")) / "hps_prompt.py"
     hps.__dict__.update(model=hps_model.eval(), head=head.eval(), tok=hps_tok, device=device,
                         ip=AutoImageProcessor.from_pretrained(tiny_vl, min_pixels=256 * 28 * 28,
                                                               max_pixels=256 * 28 * 28),
@@ -239,12 +240,12 @@ def main():
         print(json.dumps(row), flush=True)
         out.write_text(json.dumps(results, indent=1))
 
-    sft.cuda_setup()
+    common.cuda_setup()
     m = None
     if "sft" in phases or "rl" in phases:
         t0 = time.time()
         dims = dict(layers=1, single_layers=1, heads=2) if small else {}
-        m = sft.random_kontext(args.device, dtype, **dims)
+        m = common.random_kontext(args.device, dtype, **dims)
         if args.grad_ckpt:
             m.transformer.enable_gradient_checkpointing()
         m.transformer.train()
@@ -252,7 +253,7 @@ def main():
                 "transformer_params": sum(p.numel() for p in m.transformer.parameters())})
     if "sft" in phases:  # LoRA rank 512 on the paper's targets, gradient checkpointing on
         rank_ = args.sft_rank if not small else 8
-        sft.add_lora(m.transformer, rank_, rank_, name="sft")
+        common.add_lora(m.transformer, rank_, rank_, name="sft")
         m.transformer.set_adapter("sft")
         for n_refs in [int(n) for n in args.sft_refs.split(",")]:
             for k in [k for k in args.kernels.split(",") if k]:
@@ -264,7 +265,7 @@ def main():
                     raise
         m.transformer.delete_adapters("sft")
     if "rl" in phases:  # a fresh rank-64 LoRA (in a real run the SFT LoRA is fused into the base first)
-        params = sft.add_lora(m.transformer, 64 if not small else 4, 128 if not small else 8, name="rl")
+        params = common.add_lora(m.transformer, 64 if not small else 4, 128 if not small else 8, name="rl")
         m.transformer.set_adapter("rl")
         opt = torch.optim.AdamW(params, lr=1e-5)
         try:

@@ -10,6 +10,8 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(2)
 
+import common  # noqa: E402  (after the path insert above)
+
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
@@ -19,19 +21,16 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def kontext(tiny_dir):
-    import sft
-
-    return sft.load_kontext("tiny", "cpu", torch.float32, tiny_dir)
+    return common.load_kontext("tiny", "cpu", torch.float32, tiny_dir)
 
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory, tiny_dir):
     """A small procedural dataset with its cache, made by make_data.py's own main()."""
     import make_data
-    import sft
 
     out = tmp_path_factory.mktemp("data") / "tiny"
-    cfg = sft.parse_config(make_data.Config, "make_data",
+    cfg = common.parse_config(make_data.Config, "make_data",
                            ["--preset", "tiny", "--out", str(out), "--n_samples", "24", "--tiny_dir", tiny_dir])
     make_data.main(cfg)
     return out
@@ -50,11 +49,11 @@ def shapes_world(tmp_path_factory):
     import world
 
     root = tmp_path_factory.mktemp("shapes")
-    world.build_world(sft.parse_config(world.Config, "world", ["--out", str(root / "world")] + SMALL_WORLD))
+    world.build_world(common.parse_config(world.Config, "world", ["--out", str(root / "world")] + SMALL_WORLD))
     model = str(root / "world" / "kontext")
-    make_data.main(sft.parse_config(make_data.Config, "make_data", [
+    make_data.main(common.parse_config(make_data.Config, "make_data", [
         "--preset", "shapes", "--out", str(root / "data"), "--n_samples", "400", "--model", model]))
-    sft.train(sft.parse_config(sft.Config, "sft", [
+    sft.train(common.parse_config(sft.Config, "sft", [
         "--preset", "shapes", "--data", str(root / "data"), "--out", str(root / "sft"), "--model", model,
         "--steps", "600", "--sample_every", "0", "--ckpt_every", "600"]))
     return root

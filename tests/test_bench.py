@@ -4,7 +4,7 @@ import shutil
 import pytest
 
 import bench
-import sft
+import common
 
 SUBSETS = bench.SUBSETS
 
@@ -62,7 +62,7 @@ def psrbench(tmp_path_factory):
 
 
 def run(tmp_dir, tiny_dir, *args):
-    cfg = sft.parse_config(bench.Config, "bench", ["--preset", "tiny", "--tiny_dir", tiny_dir, "--lora", "none",
+    cfg = common.parse_config(bench.Config, "bench", ["--preset", "tiny", "--tiny_dir", tiny_dir, "--lora", "none",
                                                    "--steps", "2", *args])
     return bench.main(cfg)
 
@@ -156,7 +156,7 @@ def test_compare_puts_models_side_by_side(tmp_path):
     for name, v in (("a", 0.5), ("b", 0.7)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "scores.json").write_text(json.dumps(fake(v)))
-    cfg = sft.parse_config(bench.Config, "bench", ["--compare", f"{tmp_path}/a/scores.json,{tmp_path}/b/scores.json",
+    cfg = common.parse_config(bench.Config, "bench", ["--compare", f"{tmp_path}/a/scores.json,{tmp_path}/b/scores.json",
                                                    "--out", str(tmp_path / "cmp")])
     bench.main(cfg)
     report = (tmp_path / "cmp" / "report.md").read_text()
@@ -172,7 +172,7 @@ def test_dreambench_pairs(tmp_path, tiny_dir):
         for k in range(2):
             Image.new("RGB", (64, 64), color).save(tmp_path / d / f"{k}.png")
     (tmp_path / "pairs.json").write_text(json.dumps([{"subjects": ["s1", "s2"], "prompt": "a star and a circle"}]))
-    cfg = sft.parse_config(bench.Config, "bench", ["--preset", "tiny", "--tiny_dir", tiny_dir, "--lora", "none",
+    cfg = common.parse_config(bench.Config, "bench", ["--preset", "tiny", "--tiny_dir", tiny_dir, "--lora", "none",
                                                    "--steps", "2", "--dreambench", str(tmp_path / "pairs.json"),
                                                    "--clip", "tiny", "--out", str(tmp_path / "db")])
     summary = bench.main(cfg)

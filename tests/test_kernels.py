@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+import common
 import sft
 from kernels import attention as A
 from kernels import reward_ops as R
@@ -75,15 +76,15 @@ def test_reference_rope_is_diffusers_rope():
 
 @needs_triton
 def test_transformer_with_triton_processor_equals_torch(tiny_dir):
-    m = sft.load_kontext("tiny", DEVICE, torch.float32 if INTERPRET else torch.bfloat16, tiny_dir)
+    m = common.load_kontext("tiny", DEVICE, torch.float32 if INTERPRET else torch.bfloat16, tiny_dir)
     g = torch.Generator().manual_seed(0)
     x, refs = [torch.randn(1, n, 64, generator=g).to(DEVICE, m.dtype) for n in (16, 32)]
-    t5, pooled = sft.encode_text(m, ["the star and the ring"], 16)
+    t5, pooled = common.encode_text(m, ["the star and the ring"], 16)
     sig = torch.tensor([0.6], device=DEVICE)
     want = sft.velocity(m, x, refs, sig, t5, pooled, (4, 4), [(4, 4), (4, 4)])
-    sft.use_kernels(m.transformer, "triton")
+    common.use_kernels(m.transformer, "triton")
     got = sft.velocity(m, x, refs, sig, t5, pooled, (4, 4), [(4, 4), (4, 4)])
-    sft.use_kernels(m.transformer, "torch")
+    common.use_kernels(m.transformer, "torch")
     again = sft.velocity(m, x, refs, sig, t5, pooled, (4, 4), [(4, 4), (4, 4)])
     assert torch.equal(again, want)  # switching back restores diffusers' own processor
     tol = 1e-4 if INTERPRET else 3e-2 * want.abs().max().item()  # bf16 on a GPU

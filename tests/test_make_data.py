@@ -1,5 +1,6 @@
 import http.server
 import json
+import os
 import random
 import subprocess
 import sys
@@ -10,13 +11,14 @@ import pytest
 import torch
 
 import make_data
+import common
 import sft
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def cfg_for(*args):
-    return sft.parse_config(make_data.Config, "make_data", list(args))
+    return common.parse_config(make_data.Config, "make_data", list(args))
 
 
 def test_category_pool_is_objects365():
@@ -29,7 +31,7 @@ def test_category_pool_is_objects365():
 def test_tiny_models_preset_end_to_end_and_sft_trains(tmp_path, tiny_dir):
     out = tmp_path / "tm"
     make_data.main(cfg_for("--preset", "tiny-models", "--out", str(out), "--tiny_dir", tiny_dir, "--n_samples", "12"))
-    samples = sft.load_samples(out)
+    samples = common.load_samples(out)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["samples"] == len(samples) > 0
     assert len(samples) + sum(manifest["dropped"].values()) == 12  # every id made or counted as dropped
@@ -40,7 +42,7 @@ def test_tiny_models_preset_end_to_end_and_sft_trains(tmp_path, tiny_dir):
         assert all(w not in s["instruction"].lower().split()
                    for w in make_data.appearance_words(s["meta"]["scene_prompt"], [x["category"] for x in s["subjects"]]))
     assert (out / "cache" / "manifest.json").exists()
-    cfg = sft.parse_config(sft.Config, "sft", ["--preset", "tiny-models", "--data", str(out), "--out",
+    cfg = common.parse_config(sft.Config, "sft", ["--preset", "tiny-models", "--data", str(out), "--out",
                                                str(tmp_path / "sft"), "--tiny_dir", tiny_dir, "--steps", "3"])
     sft.train(cfg)
     assert (tmp_path / "sft" / "lora" / "pytorch_lora_weights.safetensors").exists()
@@ -118,20 +120,21 @@ def test_endpoint_llm_unparseable_and_unreachable(tmp_path, tiny_dir):
         llm("hello")
 
 
-def run_md(tmp, out, *extra, nproc=1):
+def run_md(tmp, out, *extra, nproc=1, die=None):
     args = ["--preset", "tiny", "--out", str(out), "--n_samples", "10", "--cache", "true", *extra]
     if nproc == 1:
         cmd = [sys.executable, str(ROOT / "make_data.py"), *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), str(ROOT / "make_data.py"),
                *args, "--device", "cpu"]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
+    env = {**os.environ, "PSR_DIE_AT": die} if die else None  # common.maybe_die kills the run there
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, env=env)
 
 
 def dataset_state(out):
     from safetensors.torch import load_file
 
-    rows = sft.read_jsonl(out / "samples.jsonl")
+    rows = common.read_jsonl(out / "samples.jsonl")
     files = {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*.png"))}
     tensors = {}
     for shard in sorted((out / "cache").glob("shard-*.safetensors")):
@@ -143,7 +146,7 @@ def test_killed_run_rerun_equals_uninterrupted(tmp_path, tiny_dir):
     a = run_md(tmp_path, tmp_path / "a", "--tiny_dir", tiny_dir)
     assert a.returncode == 0, a.stderr[-2000:]
     kill_at = random.randint(1, 9)  # a random point after some work
-    b = run_md(tmp_path, tmp_path / "b", "--tiny_dir", tiny_dir, "--die_after", str(kill_at))
+    b = run_md(tmp_path, tmp_path / "b", "--tiny_dir", tiny_dir, die=f"make_data:{kill_at}")
     assert b.returncode != 0, kill_at
     assert not list((tmp_path / "b").rglob("*.tmp"))  # no half-written file left behind
     b = run_md(tmp_path, tmp_path / "b", "--tiny_dir", tiny_dir)
@@ -159,7 +162,7 @@ def test_two_ranks_make_the_same_ids(tmp_path, tiny_dir):
     one = run_md(tmp_path, tmp_path / "one", "--tiny_dir", tiny_dir, "--cache", "false")
     two = run_md(tmp_path, tmp_path / "two", "--tiny_dir", tiny_dir, "--cache", "false", nproc=2)
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
-    r1, r2 = sft.read_jsonl(tmp_path / "one" / "samples.jsonl"), sft.read_jsonl(tmp_path / "two" / "samples.jsonl")
+    r1, r2 = common.read_jsonl(tmp_path / "one" / "samples.jsonl"), common.read_jsonl(tmp_path / "two" / "samples.jsonl")
     assert [r["id"] for r in r1] == [r["id"] for r in r2] and r1 == r2
     assert not list((tmp_path / "two").glob("samples.rank*.jsonl"))  # merged into one dataset
 
@@ -168,7 +171,7 @@ def test_corrupt_target_is_named_when_caching(tmp_path, tiny_dir):
     out = tmp_path / "c"
     make_data.main(cfg_for("--preset", "tiny", "--out", str(out), "--n_samples", "4", "--cache", "false",
                            "--tiny_dir", tiny_dir))
-    s = sft.load_samples(out)[2]
+    s = common.load_samples(out)[2]
     (out / s["target"]).write_bytes(b"garbage")
     with pytest.raises(ValueError, match=f"sample {s['id']}: image .*{s['target']} is unreadable"):
         make_data.main(cfg_for("--preset", "tiny", "--out", str(out), "--n_samples", "4", "--tiny_dir", tiny_dir))

@@ -1,5 +1,6 @@
 """The stages as one pipeline: the README's run command, kills and reruns, two ranks, a full disk."""
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import common
 import sft
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,8 +58,8 @@ def test_bench_killed_and_rerun_equals_uninterrupted(tmp_path, tiny_dir):
     a = subprocess.run(bench_cmd(tmp_path / "a", "--tiny_dir", tiny_dir), capture_output=True, text=True, cwd=tmp_path)
     assert a.returncode == 0, a.stderr[-2000:]
     kill_at = random.randint(1, 5)  # a random point after some work (6 items)
-    b = subprocess.run(bench_cmd(tmp_path / "b", "--tiny_dir", tiny_dir, "--die_after", str(kill_at)),
-                       capture_output=True, text=True, cwd=tmp_path)
+    b = subprocess.run(bench_cmd(tmp_path / "b", "--tiny_dir", tiny_dir),
+                       capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PSR_DIE_AT": f"bench:{kill_at}"})
     assert b.returncode != 0 and not (tmp_path / "b" / "scores.json").exists()
     b = subprocess.run(bench_cmd(tmp_path / "b", "--tiny_dir", tiny_dir), capture_output=True, text=True, cwd=tmp_path)
     assert b.returncode == 0, b.stderr[-2000:]
@@ -100,7 +102,7 @@ def test_disk_full_is_a_clear_error_and_finished_samples_stay_whole(tmp_path, sm
                          capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode != 0
     assert "[make_data] no space left while writing" in res.stderr and "rerun the same command" in res.stderr
-    rows = sft.read_jsonl(next(out.glob("samples*.jsonl")))
+    rows = common.read_jsonl(next(out.glob("samples*.jsonl")))
     assert len(rows) > 5  # it did work before the disk filled
     for r in rows:  # every listed sample has whole images
         for rel in [r["target"]] + [s["ref"] for s in r["subjects"]]:
@@ -125,14 +127,14 @@ def test_kontext_preset_is_the_papers_recipe():
     import rewards
     import rl
 
-    s = sft.parse_config(sft.Config, "sft", ["--preset", "kontext", "--model", "/models/kontext"])
+    s = common.parse_config(sft.Config, "sft", ["--preset", "kontext", "--model", "/models/kontext"])
     assert (s.model, s.lora_rank, s.lr, s.ref_probs, s.resolution, s.pe) == ("/models/kontext", 512, 1e-4,
                                                                             (0.9, 0.05, 0.05), 512, "frame")
-    r = sft.parse_config(rl.Config, "rl", ["--preset", "kontext"])
+    r = common.parse_config(rl.Config, "rl", ["--preset", "kontext"])
     assert (r.group_size, r.lr, r.lora_rank, r.steps, r.noise_level, r.clip_range) == (6, 1e-5, 64, 28, 0.7, 1e-4)
-    w = sft.parse_config(rewards.Config, "rewards", ["--preset", "kontext"])
+    w = common.parse_config(rewards.Config, "rewards", ["--preset", "kontext"])
     assert w.weights == (0.4, 0.4, 0.2) and (w.box_threshold, w.text_threshold) == (0.35, 0.25)
-    d = sft.parse_config(make_data.Config, "make_data", ["--preset", "kontext", "--t2i", "/models/flux-dev"])
+    d = common.parse_config(make_data.Config, "make_data", ["--preset", "kontext", "--t2i", "/models/flux-dev"])
     assert d.source == "models" and d.t2i == "/models/flux-dev" and d.dino == "facebook/dino-vits16"
-    b = sft.parse_config(bench.Config, "bench", ["--preset", "kontext"])
+    b = common.parse_config(bench.Config, "bench", ["--preset", "kontext"])
     assert (b.steps, b.guidance, b.resolution) == (28, 2.5, 512)

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 import rewards
+import common
 import sft
 from make_data import draw_reference
 
@@ -277,7 +278,7 @@ def test_cli_scores_items_and_lists_failures(tmp_path, tiny_dir):
                       "instruction": t, "subset": "attribute"})
     items.append(dict(items[0], image="missing.png"))
     (tmp_path / "items.json").write_text(json.dumps(items))
-    cfg = sft.parse_config(rewards.Config, "rewards", ["--preset", "tiny", "--images", str(tmp_path),
+    cfg = common.parse_config(rewards.Config, "rewards", ["--preset", "tiny", "--images", str(tmp_path),
                                                        "--tiny_dir", tiny_dir])
     rewards.main(cfg)
     out = json.loads((tmp_path / "items.scores.json").read_text())

@@ -1,5 +1,6 @@
 import json
 import math
+import os
 import random
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import rl
+import common
 import sft
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,8 +87,8 @@ def test_nan_rewards_are_excluded():
 
 
 def tiny_policy(tiny_dir, tiny_data):
-    m = sft.load_kontext("tiny", "cpu", torch.float32, tiny_dir)
-    samples, cache = sft.load_dataset(m, tiny_data, 64, 16)
+    m = common.load_kontext("tiny", "cpu", torch.float32, tiny_dir)
+    samples, cache = common.load_dataset(m, tiny_data, 64, 16)
     params = rl.prepare_policy(m, rl.Config(lora_rank=4, lora_alpha=8), None)
     return m, samples, cache, params
 
@@ -125,7 +127,7 @@ def test_one_update_moves_log_probs_with_the_advantage(tiny_dir, tiny_data):
     assert torch.all(delta[adv > 0] > 0) and torch.all(delta[adv < 0] < 0), delta
 
 
-def run_rl(tmp, tiny_data, tiny_dir, out, *extra, nproc=1):
+def run_rl(tmp, tiny_data, tiny_dir, out, *extra, nproc=1, die=None):
     base = ["--preset", "tiny", "--data", str(tiny_data), "--out", str(out), "--tiny_dir", tiny_dir,
             "--sft_lora", "none", "--n_eval", "2", "--eval_every", "0", "--measure_overhead", "false", *extra]
     if nproc == 1:
@@ -133,7 +135,9 @@ def run_rl(tmp, tiny_data, tiny_dir, out, *extra, nproc=1):
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), str(ROOT / "rl.py"),
                *base, "--device", "cpu"]
-    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parent)}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    if die:
+        env["PSR_DIE_AT"] = die  # common.maybe_die kills the run there
     return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, env=env)
 
 
@@ -149,12 +153,12 @@ def world_rl_args(root, out, *extra):
 def held_out_rewards(root, loras, seeds, n_eval):
     """The reward of the model with `loras` fused on the last n_eval samples (those rl.py holds out),
     one mean per sampling seed, through rl.py's own evaluate()."""
-    cfg = sft.parse_config(rl.Config, "rl", world_rl_args(root, root / "unused"))
-    m = sft.load_kontext(cfg.model, "cpu", torch.float32)
+    cfg = common.parse_config(rl.Config, "rl", world_rl_args(root, root / "unused"))
+    m = common.load_kontext(cfg.model, "cpu", torch.float32)
     for k, lora in enumerate(loras):
-        sft.load_lora_into(m.transformer, lora, fuse=True, name=f"l{k}")
-    samples = sft.load_samples(root / "data")
-    cache = sft.LatentCache(root / "data", samples)
+        common.load_lora_into(m.transformer, lora, fuse=True, name=f"l{k}")
+    samples = common.load_samples(root / "data")
+    cache = common.LatentCache(root / "data", samples)
     reward_fn = rl.build_reward(cfg, "cpu")
     out = []
     for seed in seeds:
@@ -168,7 +172,7 @@ def test_rl_learns_in_the_shapes_world(shapes_world, tmp_path):
     seed-to-seed spread of the evaluation before any update. The reward is brightness: on the
     world's PSR mix the rise over a CI-sized run is inside the noise (see README, the shapes world)."""
     n_eval, seeds = 16, [0, 1, 2, 3]
-    cfg = sft.parse_config(rl.Config, "rl", world_rl_args(
+    cfg = common.parse_config(rl.Config, "rl", world_rl_args(
         shapes_world, tmp_path / "rl", "--iterations", "15", "--eval_every", "0", "--n_eval", str(n_eval),
         "--optimizer_steps", "1", "--lr", "1e-3"))
     rl.main(cfg)
@@ -185,7 +189,7 @@ def test_killed_run_resumes_to_same_lora(tmp_path, tiny_data, tiny_dir):
     a = run_rl(tmp_path, tiny_data, tiny_dir, tmp_path / "a", *args)
     assert a.returncode == 0, a.stderr[-2000:]
     kill_at = random.randint(1, 3)  # a random iteration after some work
-    b = run_rl(tmp_path, tiny_data, tiny_dir, tmp_path / "b", *args, "--die_at_iter", str(kill_at))
+    b = run_rl(tmp_path, tiny_data, tiny_dir, tmp_path / "b", *args, die=f"rl:{kill_at}")
     assert b.returncode != 0 and not (tmp_path / "b" / "lora").exists(), kill_at
     b = run_rl(tmp_path, tiny_data, tiny_dir, tmp_path / "b", *args)
     assert b.returncode == 0 and f"resumed from {tmp_path / 'b' / 'checkpoint.pt'} at iteration {kill_at}" in b.stdout, \

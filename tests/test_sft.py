@@ -1,4 +1,5 @@
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -9,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import common
 import sft
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,10 +58,10 @@ def test_one_reference_matches_kontext_pipeline(kontext):
                            encoder_hidden_states=prompt_embeds, txt_ids=text_ids,
                            img_ids=torch.cat([lat_ids, img_ids]), return_dict=False)[0][:, : lat.shape[1]]
 
-    refs = sft.pack(sft.encode_images(m, image))
+    refs = sft.pack(common.encode_images(m, image))
     assert torch.equal(refs, img_lat)
     assert torch.equal(sft.position_ids((4, 4), [(4, 4)], "frame"), torch.cat([lat_ids, img_ids]))
-    t5, pooled2 = sft.encode_text(m, ["a circle and a square"], 16)
+    t5, pooled2 = common.encode_text(m, ["a circle and a square"], 16)
     assert torch.equal(t5, prompt_embeds) and torch.equal(pooled2, pooled)
     ours = sft.velocity(m, lat, refs, t, t5, pooled2, (4, 4), [(4, 4)], "frame", 2.5)
     assert torch.allclose(ours, theirs, atol=1e-6, rtol=0)
@@ -93,11 +95,11 @@ def test_sampling_sigmas_match_scheduler_shift(kontext):
 
 
 def test_loss_falls_on_one_fixed_batch(kontext, tiny_data):
-    cfg = sft.parse_config(sft.Config, "sft", ["--preset", "tiny"])
-    samples, cache = sft.load_dataset(kontext, tiny_data, 64, 16)
+    cfg = common.parse_config(sft.Config, "sft", ["--preset", "tiny"])
+    samples, cache = common.load_dataset(kontext, tiny_data, 64, 16)
     batch = [s for s in samples if len(s["subjects"]) == 2][:2]
     tr = kontext.transformer
-    params = sft.add_lora(tr, 8, 8, seed=0, name="overfit")
+    params = common.add_lora(tr, 8, 8, seed=0, name="overfit")
     tr.set_adapter("overfit")
     opt = torch.optim.AdamW(params, lr=3e-3)
     losses = []
@@ -114,18 +116,19 @@ def test_loss_falls_on_one_fixed_batch(kontext, tiny_data):
     assert losses[-1] < 0.6 * losses[0], losses[::10]
 
 
-def run_sft(tmp, data, tiny_dir, out, *extra):
+def run_sft(tmp, data, tiny_dir, out, *extra, die=None):
     cmd = [sys.executable, str(ROOT / "sft.py"), "--preset", "tiny", "--data", str(data), "--out", str(out),
            "--tiny_dir", tiny_dir, "--steps", "8", "--ckpt_every", "3", "--sample_every", "0",
            "--log_every", "1", *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
+    env = {**os.environ, "PSR_DIE_AT": die} if die else None  # common.maybe_die kills the run there
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, env=env)
 
 
 def test_killed_run_resumes_to_same_lora(tmp_path, tiny_data, tiny_dir):
     straight = run_sft(tmp_path, tiny_data, tiny_dir, tmp_path / "a")
     assert straight.returncode == 0, straight.stderr[-2000:]
     kill_at = random.randint(1, 7)  # a random point after some work; checkpoints every 3 steps
-    killed = run_sft(tmp_path, tiny_data, tiny_dir, tmp_path / "b", "--die_at_step", str(kill_at))
+    killed = run_sft(tmp_path, tiny_data, tiny_dir, tmp_path / "b", die=f"sft:{kill_at}")
     assert killed.returncode != 0, kill_at
     assert not (tmp_path / "b" / "lora").exists()
     ckpt = tmp_path / "b" / "checkpoint.pt"
@@ -148,11 +151,11 @@ def test_saved_lora_loads_through_diffusers(tmp_path, tiny_data, tiny_dir, konte
 
     res = run_sft(tmp_path, tiny_data, tiny_dir, tmp_path / "r")
     assert res.returncode == 0, res.stderr[-2000:]
-    m = sft.load_kontext("tiny", "cpu", torch.float32, tiny_dir)
+    m = common.load_kontext("tiny", "cpu", torch.float32, tiny_dir)
     pipe = FluxKontextPipeline(scheduler=m.scheduler, vae=m.vae, text_encoder=m.clip, tokenizer=m.clip_tok,
                                text_encoder_2=m.t5, tokenizer_2=m.t5_tok, transformer=m.transformer)
     x = torch.randn(1, 16, 64)
-    t5, pooled = sft.encode_text(m, ["a star"], 16)
+    t5, pooled = common.encode_text(m, ["a star"], 16)
     before = sft.velocity(m, x, x, torch.tensor([0.5]), t5, pooled, (4, 4), [(4, 4)])
     pipe.load_lora_weights(str(tmp_path / "r" / "lora"))
     after = sft.velocity(m, x, x, torch.tensor([0.5]), t5, pooled, (4, 4), [(4, 4)])
@@ -167,52 +170,52 @@ def copy_data(src, dst):
 def test_missing_reference_is_named(tmp_path, tiny_data, kontext):
     data = copy_data(tiny_data, tmp_path / "d")
     shutil.rmtree(data / "cache")
-    s = sft.load_samples(data)[1]
+    s = common.load_samples(data)[1]
     (data / s["subjects"][1]["ref"]).unlink()
     with pytest.raises(ValueError, match=f"sample {s['id']}: image .*{s['subjects'][1]['ref']} is missing"):
-        sft.load_dataset(kontext, data, 64, 16)
+        common.load_dataset(kontext, data, 64, 16)
 
 
 def test_corrupt_reference_is_named(tmp_path, tiny_data, kontext):
     data = copy_data(tiny_data, tmp_path / "d")
     shutil.rmtree(data / "cache")
-    s = sft.load_samples(data)[2]
+    s = common.load_samples(data)[2]
     (data / s["subjects"][0]["ref"]).write_bytes(b"\x89PNG not really")
     with pytest.raises(ValueError, match=f"sample {s['id']}: image .* is unreadable"):
-        sft.load_dataset(kontext, data, 64, 16)
+        common.load_dataset(kontext, data, 64, 16)
 
 
 def test_one_subject_sample_is_rejected(tmp_path, tiny_data):
     data = copy_data(tiny_data, tmp_path / "d")
-    rows = sft.read_jsonl(data / "samples.jsonl")
+    rows = common.read_jsonl(data / "samples.jsonl")
     rows[3]["subjects"] = rows[3]["subjects"][:1]
     (data / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ValueError, match=f"sample {rows[3]['id']} has 1 subject"):
-        sft.load_samples(data)
+        common.load_samples(data)
 
 
 def test_cache_not_matching_samples_is_named(tmp_path, tiny_data, kontext):
     data = copy_data(tiny_data, tmp_path / "d")
-    rows = sft.read_jsonl(data / "samples.jsonl")
+    rows = common.read_jsonl(data / "samples.jsonl")
     extra = dict(rows[0], id="attribute-9999999")
     with open(data / "samples.jsonl", "a") as f:
         f.write(json.dumps(extra) + "\n")
-    samples = sft.load_samples(data)
+    samples = common.load_samples(data)
     with pytest.raises(ValueError, match="no entry for sample attribute-9999999"):
-        sft.LatentCache(data, samples, kontext, 64, 16)
+        common.LatentCache(data, samples, kontext, 64, 16)
     manifest = json.loads((data / "cache" / "manifest.json").read_text())
     manifest["resolution"] = 512
     (data / "cache" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="made with other settings"):
-        sft.LatentCache(data, samples[:-1], kontext, 64, 16)
+        common.LatentCache(data, samples[:-1], kontext, 64, 16)
 
 
 def test_config_preset_and_overrides():
-    cfg = sft.parse_config(sft.Config, "sft", ["--preset", "tiny", "--lr", "3e-5", "--ref_probs", "1,0,0"])
+    cfg = common.parse_config(sft.Config, "sft", ["--preset", "tiny", "--lr", "3e-5", "--ref_probs", "1,0,0"])
     assert cfg.model == "tiny" and cfg.resolution == 64 and cfg.lr == 3e-5 and cfg.ref_probs == (1.0, 0.0, 0.0)
     assert sft.Config().lora_rank == 512 and sft.Config().lr == 1e-4  # the paper's values by default
     with pytest.raises(SystemExit, match="unknown knob --lrr"):
-        sft.parse_config(sft.Config, "sft", ["--lrr", "1"])
+        common.parse_config(sft.Config, "sft", ["--lrr", "1"])
 
 
 def test_draw_batch_reference_mix():
