@@ -99,6 +99,7 @@ def parse_config(cls, stage, argv=None):
             setattr(cfg, key, _coerce(value, known[key].default))
         except ValueError as e:
             raise SystemExit(f"--{key}: {e}")
+    cfg._explicit = {key for key, _ in pairs}  # knobs given on the command line (adopt_lora_settings)
     return cfg
 
 
@@ -627,8 +628,9 @@ def set_lora_state(transformer, state, name="default"):
         raise ValueError(f"LoRA state has keys the model lacks: {missing[:3]}")
 
 
-def save_lora(transformer, folder, name="default"):
-    """Writes pytorch_lora_weights.safetensors atomically, in the diffusers Flux LoRA layout."""
+def save_lora(transformer, folder, name="default", settings=None):
+    """Writes pytorch_lora_weights.safetensors atomically, in the diffusers Flux LoRA layout, and
+    config.json beside it with the settings the adapter only works with (see MODEL_SETTINGS)."""
     from diffusers import FluxKontextPipeline
 
     folder = Path(folder)
@@ -640,6 +642,7 @@ def save_lora(transformer, folder, name="default"):
     meta = {k: (sorted(v) if isinstance(v, set) else v) for k, v in meta.items()}
     FluxKontextPipeline.save_lora_weights(tmp, transformer_lora_layers=lora_state(transformer, name),
                                           transformer_lora_adapter_metadata=meta)
+    (tmp / "config.json").write_text(json.dumps({"settings": settings or {}}, indent=1, default=str))
     if folder.exists():
         shutil.rmtree(folder)
     os.rename(tmp, folder)
@@ -653,10 +656,55 @@ def load_lora_into(transformer, folder, fuse=False, name="sft"):
                                                               return_lora_metadata=True)
     FluxKontextPipeline.load_lora_into_transformer(state, network_alphas=alphas, transformer=transformer,
                                                    adapter_name=name, metadata=meta)
+    check_lora_keys(transformer, state, folder, name)
     if fuse:
         transformer.fuse_lora(adapter_names=[name])
         transformer.unload_lora() if hasattr(transformer, "unload_lora") else None
     return transformer
+
+
+def check_lora_keys(transformer, state, folder, name):
+    """Both directions: a key in the file that the model has no place for, or an adapter weight the
+    file does not set (it would stay at its random init), is an error naming the keys."""
+    from peft.utils import get_peft_model_state_dict
+
+    model_keys = set(get_peft_model_state_dict(transformer, adapter_name=name))
+    file_keys = {k.removeprefix("transformer.") for k in state}
+    unexpected, missing = sorted(file_keys - model_keys), sorted(model_keys - file_keys)
+    if unexpected or missing:
+        raise ValueError(f"LoRA {folder} does not fit this model: {len(unexpected)} unexpected keys "
+                         f"{unexpected[:3]}, {len(missing)} missing keys {missing[:3]}")
+
+
+# Settings an adapter is only valid with: trained with frame ids, it must be sampled with frame ids.
+MODEL_SETTINGS = ("model", "pe", "guidance", "resolution")
+
+
+def lora_settings(folder):
+    """The settings saved beside a LoRA by save_lora ({} for a LoRA from elsewhere)."""
+    path = Path(folder) / "config.json"
+    return json.loads(path.read_text()).get("settings", {}) if path.exists() else {}
+
+
+def adopt_lora_settings(cfg, folders, stage):
+    """Settings travel with the model: each of MODEL_SETTINGS recorded beside the LoRAs is taken into
+    `cfg`; one the user set explicitly to another value is refused, naming both."""
+    known = {f.name for f in dataclasses.fields(cfg)}
+    for folder in folders:
+        for key, value in lora_settings(folder).items():
+            if key not in known or key not in MODEL_SETTINGS:
+                continue
+            value = _coerce(value, getattr(cfg, key))
+            if value == getattr(cfg, key):
+                continue
+            if key in getattr(cfg, "_explicit", ()):
+                raise SystemExit(f"[{stage}] --{key} {getattr(cfg, key)!r} contradicts {key}={value!r} recorded in "
+                                 f"{Path(folder) / 'config.json'}: that LoRA only works with {key}={value!r}. "
+                                 f"Drop --{key}, or train a LoRA with the setting you want.")
+            if rank() == 0:
+                print(f"[{stage}] {key}={value!r}, as recorded with {folder}")
+            setattr(cfg, key, value)
+    return cfg
 
 
 def save_checkpoint(path, transformer, opt, step, name="default"):

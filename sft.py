@@ -42,10 +42,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from common import (ROOT, add_lora, append_jsonl, autocast, barrier, decode_latents, encode_images, encode_text,
-                    ensure_writable, image_grid, load_checkpoint, load_dataset, load_kontext, maybe_die, model_dtype,
-                    open_image, parse_config, pil_to_tensor, print_config, rank, ref_size, run_stage, save_checkpoint,
-                    save_lora, save_png, setup_dist, tensor_to_pil, truncate_log, unwrap, use_kernels, world)
+from common import (MODEL_SETTINGS, ROOT, add_lora, append_jsonl, autocast, barrier, decode_latents, encode_images,
+                    encode_text, ensure_writable, image_grid, load_checkpoint, load_dataset, load_kontext, maybe_die,
+                    model_dtype, open_image, parse_config, pil_to_tensor, print_config, rank, ref_size, run_stage,
+                    save_checkpoint, save_lora, save_png, setup_dist, tensor_to_pil, truncate_log, unwrap, use_kernels,
+                    world)
 
 
 @dataclass
@@ -305,6 +306,11 @@ def sample_grid(m, transformer, samples, data_dir, cfg, path):
     save_png(path, image_grid(rows))
 
 
+def lora_settings_of(cfg):
+    """What the adapter is only valid with, saved beside it (rl.py and bench.py adopt these)."""
+    return {key: getattr(cfg, key) for key in MODEL_SETTINGS}
+
+
 def train(cfg):
     device = setup_dist(cfg.device)
     name = cfg.preset or "run"
@@ -365,7 +371,7 @@ def train(cfg):
         barrier()
         maybe_die("sft", done)
     if rank() == 0:
-        save_lora(m.transformer, out / "lora")
+        save_lora(m.transformer, out / "lora", settings=lora_settings_of(cfg))
         m.transformer.eval()
         sample_grid(m, m.transformer, eval_set, data_dir, cfg, out / "samples" / "final.png")
         print(f"[sft] done: {cfg.steps} steps ({cfg.steps - start} this run) in {time.time() - t_start:.1f}s; "
