@@ -59,9 +59,22 @@ def _coerce(value, default):
     return str(value)
 
 
+# Knobs with a fixed set of values, checked before any model loads.
+CHOICES = {"pe": ("frame", "h", "w", "hw"), "kernels": ("torch", "triton"), "mode": ("strict", "official"),
+           "source": ("procedural", "models")}
+# Knobs every stage takes besides its Config: where runs go and what to do with an earlier run there.
+RUN_KNOBS = {"tag": ("", "runs go to runs/<preset>-<tag>-<stage>; each stage finds its inputs by the same tag"),
+             "overwrite": (False, "replace an earlier run in --out made with other settings (else it is refused)")}
+
+
 def parse_config(cls, stage, argv=None):
-    """Build `cls` from defaults, configs/<preset>.json (top level, then its sections), then argv."""
+    """Build `cls` from defaults, configs/<preset>.json (top level, then its sections), then argv.
+    `--help` prints every knob with its default and comment; `--tag` and `--overwrite` (RUN_KNOBS)
+    are taken by every stage and kept as attributes beside the dataclass fields."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--help" in argv or "-h" in argv:
+        print_help(cls, stage)
+        raise SystemExit(0)
     pairs = []
     while argv:
         key = argv.pop(0)
@@ -77,6 +90,8 @@ def parse_config(cls, stage, argv=None):
         pairs.append((key, value))
     known = {f.name: f for f in dataclasses.fields(cls)}
     cfg = cls()
+    for key, (default, _) in RUN_KNOBS.items():
+        setattr(cfg, key, default)
     preset = dict(pairs).get("preset", "")
     if preset:
         path = ROOT / "configs" / f"{preset}.json"
@@ -93,14 +108,67 @@ def parse_config(cls, stage, argv=None):
                     raise SystemExit(f"{path}: section {name!r} has unknown knob {key!r}")
                 setattr(cfg, key, _coerce(value, known[key].default))
     for key, value in pairs:
-        if key not in known:
-            raise SystemExit(f"unknown knob --{key} for {stage}.py; knobs: {', '.join(known)}")
+        if key not in known and key not in RUN_KNOBS:
+            raise SystemExit(f"unknown knob --{key} for {stage}.py (see --help); knobs: {', '.join(known)}")
         try:
-            setattr(cfg, key, _coerce(value, known[key].default))
+            default = known[key].default if key in known else RUN_KNOBS[key][0]
+            setattr(cfg, key, _coerce(value, default))
         except ValueError as e:
             raise SystemExit(f"--{key}: {e}")
+    for key, allowed in CHOICES.items():
+        if key in known and getattr(cfg, key) not in allowed:
+            raise SystemExit(f"--{key} must be one of {', '.join(allowed)}; got {getattr(cfg, key)!r}")
     cfg._explicit = {key for key, _ in pairs}  # knobs given on the command line (adopt_lora_settings)
     return cfg
+
+
+def knob_comments(cls):
+    """{knob: the comment beside it in the Config's source}, base classes included."""
+    import inspect
+    import re
+
+    comments = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        try:
+            lines = inspect.getsource(klass).splitlines()
+        except (OSError, TypeError):
+            continue
+        last = None
+        for line in lines:
+            m = re.match(r"\s+(\w+)\s*:[^=]*=.*?(?:#\s*(.*))?$", line)
+            if m:
+                last = m.group(1)
+                comments[last] = m.group(2) or ""
+            elif last and re.match(r"\s+#", line):  # a comment continued on the next line
+                comments[last] = (comments[last] + " " + line.strip().lstrip("#").strip()).strip()
+            else:
+                last = None
+    return comments
+
+
+def print_help(cls, stage):
+    doc = sys.modules[cls.__module__].__doc__ or ""
+    print(doc.strip() + "\n")
+    print(f"Knobs of {stage}.py (--name value; a preset, --preset NAME, sets many at once):")
+    comments = knob_comments(cls)
+    rows = [(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory(), comments.get(f.name, ""))
+            for f in dataclasses.fields(cls)]
+    rows += [(k, d, c) for k, (d, c) in RUN_KNOBS.items()]
+    for name, default, comment in rows:
+        choices = f" [{' | '.join(CHOICES[name])}]" if name in CHOICES else ""
+        default = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        print(f"  --{name:<20} {str(default)!s:<38} {comment}{choices}")
+
+
+def stage_dir(cfg, stage):
+    """runs/<preset>[-<tag>]-<stage>, the default output of a stage and the input of the next."""
+    parts = [cfg.preset or "run", getattr(cfg, "tag", ""), stage]
+    return ROOT / "runs" / "-".join(p for p in parts if p)
+
+
+def data_dir(cfg):
+    """data/<preset>: one dataset per preset, shared by every tag (an ablation varies what trains on it)."""
+    return Path(cfg.data) if getattr(cfg, "data", "") else ROOT / "data" / (cfg.preset or "run")
 
 
 def print_config(cfg, stage, writes):
@@ -212,6 +280,156 @@ def image_grid(rows, cell=128):
         for j, im in enumerate(row):
             grid.paste(im.convert("RGB").resize((cell, cell)), (j * cell, i * cell))
     return grid
+
+
+# ----------------------------------------------------------------------------------------------
+# Runs describe themselves: every output folder holds config.json (the resolved knobs, the inputs
+# read with a content hash, the code version), and a resume made with other settings is refused.
+
+# Knobs that may differ between a run and its resume without changing what it computes: extending a
+# run (steps, iterations, n_samples), cadence of logs and pictures, where things live (inputs are
+# compared by content hash instead), and which part of a benchmark is scored this time.
+RESUME_FREE = {"preset", "steps", "iterations", "n_samples", "log_every", "ckpt_every", "sample_every", "eval_every",
+               "n_eval", "device", "tiny_dir", "out", "data", "sft_lora", "lora", "measure_overhead",
+               "judge_concurrency", "first_k", "subsets", "name", "psrbench", "results", "compare", "ablation",
+               "build_psrbench", "preview", "overwrite", "tag"}
+
+
+def content_hash(path):
+    """sha256 (16 hex digits) of a file, or of a folder's files in name order; None if absent."""
+    import hashlib
+
+    path = Path(path)
+    if not path.exists():
+        return None
+    h = hashlib.sha256()
+    for f in sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file()):
+        if path.is_dir():
+            h.update(f.relative_to(path).as_posix().encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def code_version():
+    """The git commit (with -dirty for local edits) and a hash of the stage sources, which also
+    identifies the code where git is absent."""
+    import subprocess
+
+    try:
+        rev = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        rev = ""
+    files = sorted(ROOT.glob("*.py"))
+    return {"git": rev or None, "source": content_hash_of(files)}
+
+
+def content_hash_of(files):
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + Path(f).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def run_record(cfg, stage, inputs=None):
+    """What config.json holds: the resolved knobs, each input's path and content hash, the code."""
+    knobs = {**dataclasses.asdict(cfg), **{k: getattr(cfg, k, d) for k, (d, _) in RUN_KNOBS.items()}}
+    return {"stage": stage, "config": json.loads(json.dumps(knobs, default=str)),
+            "inputs": {name: {"path": str(path), "sha256": content_hash(path)} for name, path in (inputs or {}).items()},
+            "code": code_version()}
+
+
+def record_diff(old, new):
+    """[(what, before, now)] for every knob or input that changes results."""
+    diff = []
+    for key, value in new["config"].items():
+        if key not in RESUME_FREE and key in old.get("config", {}) and old["config"][key] != value:
+            diff.append((f"--{key}", old["config"][key], value))
+    for name, info in new["inputs"].items():
+        before = old.get("inputs", {}).get(name)
+        if before and before.get("sha256") != info["sha256"]:
+            diff.append((f"input {name}", before.get("sha256"), info["sha256"]))
+    return diff
+
+
+def open_run(out, cfg, stage, inputs=None):
+    """Claims `out` for this run: writes out/config.json. A folder holding a run made with other
+    settings stops the stage with the differing knobs named; --overwrite removes that run first."""
+    out = Path(out)
+    path = out / "config.json"
+    record = run_record(cfg, stage, inputs)
+    diff = record_diff(json.loads(path.read_text()), record) if path.exists() else []
+    barrier()  # every rank has read the old record before rank 0 replaces it
+    if diff:
+        what = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, a, b in diff)
+        if not getattr(cfg, "overwrite", False):
+            raise SystemExit(f"[{stage}] {out} holds a run made with other settings ({what}). Resuming it would mix "
+                             f"the two. Give --out a new folder to keep it, or --overwrite to replace it.")
+        if rank() == 0:
+            print(f"[{stage}] --overwrite: removing the earlier run in {out} ({what})")
+            shutil.rmtree(out)
+    if rank() == 0:
+        write_json(path, record)
+    barrier()
+    return record
+
+
+def nice_ticks(lo, hi, n=5):
+    """About n round tick values covering [lo, hi]."""
+    if hi <= lo:
+        hi = lo + 1e-9 + abs(lo) * 0.1 + 1e-3
+    raw = (hi - lo) / n
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    start = math.floor(lo / step) * step
+    return [start + i * step for i in range(int(math.ceil((hi - start) / step)) + 1)]
+
+
+def line_chart(path, panels, size=(420, 260)):
+    """Training curves as a PNG (PIL only): `panels` is [(title, {label: [(x, y, spread or None)]})];
+    each panel gets axes with tick labels, a line per label and a band of +-spread where given."""
+    from PIL import ImageDraw
+
+    colors = [(40, 110, 220), (220, 50, 50), (40, 160, 70), (230, 150, 20)]
+    w, h = size
+    img = Image.new("RGB", (w * len(panels), h), "white")
+    d = ImageDraw.Draw(img)
+    for k, (title, series) in enumerate(panels):
+        x0, y0, x1, y1 = k * w + 56, 22, k * w + w - 12, h - 30
+        pts = [(x, y, e or 0) for rows in series.values() for x, y, e in rows if y is not None and math.isfinite(y)]
+        d.text((k * w + 56, 4), title, fill="black")
+        if not pts:
+            continue
+        xs = nice_ticks(min(p[0] for p in pts), max(p[0] for p in pts))
+        ys = nice_ticks(min(p[1] - p[2] for p in pts), max(p[1] + p[2] for p in pts))
+        px = lambda x: x0 + (x - xs[0]) / (xs[-1] - xs[0]) * (x1 - x0)  # noqa: E731
+        py = lambda y: y1 - (y - ys[0]) / (ys[-1] - ys[0]) * (y1 - y0)  # noqa: E731
+        d.rectangle([x0, y0, x1, y1], outline=(120, 120, 120))
+        for t in ys:
+            d.line([x0 - 3, py(t), x0, py(t)], fill="black")
+            d.text((k * w + 4, py(t) - 6), f"{t:.4g}", fill="black")
+        for t in xs:
+            d.line([px(t), y1, px(t), y1 + 3], fill="black")
+            d.text((px(t) - 10, y1 + 6), f"{t:g}", fill="black")
+        series = {label: [(x, y, e or 0) for x, y, e in rows if y is not None and math.isfinite(y)]
+                  for label, rows in series.items()}
+        for c, rows in enumerate(series.values()):  # bands first, so no band hides another line
+            col = colors[c % len(colors)]
+            band = [(px(x), py(y + e)) for x, y, e in rows] + [(px(x), py(y - e)) for x, y, e in reversed(rows)]
+            if any(e for _, _, e in rows) and len(rows) > 1:
+                d.polygon(band, fill=tuple(255 - (255 - v) // 4 for v in col))
+        for c, (label, rows) in enumerate(series.items()):
+            col = colors[c % len(colors)]
+            if len(rows) > 1:
+                d.line([(px(x), py(y)) for x, y, _ in rows], fill=col, width=2)
+            for x, y, _ in rows[-1:] if len(rows) > 1 else rows:
+                d.ellipse([px(x) - 2, py(y) - 2, px(x) + 2, py(y) + 2], fill=col)
+            d.text((x1 - 150, y0 + 4 + 12 * c), label, fill=col)
+    save_png(path, img)
 
 
 def maybe_die(stage, count):
@@ -628,7 +846,7 @@ def set_lora_state(transformer, state, name="default"):
         raise ValueError(f"LoRA state has keys the model lacks: {missing[:3]}")
 
 
-def save_lora(transformer, folder, name="default", settings=None):
+def save_lora(transformer, folder, name="default", settings=None, record=None):
     """Writes pytorch_lora_weights.safetensors atomically, in the diffusers Flux LoRA layout, and
     config.json beside it with the settings the adapter only works with (see MODEL_SETTINGS)."""
     from diffusers import FluxKontextPipeline
@@ -642,7 +860,8 @@ def save_lora(transformer, folder, name="default", settings=None):
     meta = {k: (sorted(v) if isinstance(v, set) else v) for k, v in meta.items()}
     FluxKontextPipeline.save_lora_weights(tmp, transformer_lora_layers=lora_state(transformer, name),
                                           transformer_lora_adapter_metadata=meta)
-    (tmp / "config.json").write_text(json.dumps({"settings": settings or {}}, indent=1, default=str))
+    # `record` (open_run's) says which run made it: its knobs, inputs and code version.
+    (tmp / "config.json").write_text(json.dumps({"settings": settings or {}, **(record or {})}, indent=1, default=str))
     if folder.exists():
         shutil.rmtree(folder)
     os.rename(tmp, folder)

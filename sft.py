@@ -42,39 +42,41 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from common import (MODEL_SETTINGS, ROOT, add_lora, append_jsonl, autocast, barrier, decode_latents, encode_images,
-                    encode_text, ensure_writable, image_grid, load_checkpoint, load_dataset, load_kontext, maybe_die,
-                    model_dtype, open_image, parse_config, pil_to_tensor, print_config, rank, ref_size, run_stage,
-                    save_checkpoint, save_lora, save_png, setup_dist, tensor_to_pil, truncate_log, unwrap, use_kernels,
-                    world)
+from common import (MODEL_SETTINGS, add_lora, append_jsonl, autocast, barrier, data_dir, decode_latents,
+                    encode_images, encode_text, ensure_writable, image_grid, line_chart, load_checkpoint,
+                    load_dataset, load_kontext, maybe_die, model_dtype, open_image, open_run, parse_config,
+                    pil_to_tensor, print_config, rank, read_jsonl, ref_size, run_stage, save_checkpoint, save_lora,
+                    save_png, setup_dist, stage_dir, tensor_to_pil, truncate_log, unwrap, use_kernels, world)
 
 
 @dataclass
 class Config:
+    """Defaults are the paper's recipe where it gives one; presets (configs/*.json) scale it down."""
     preset: str = ""
     model: str = "black-forest-labs/FLUX.1-Kontext-dev"  # local folder, hub id, or "tiny"
     data: str = ""               # default data/<preset>
-    out: str = ""                # default runs/<preset>-sft
+    out: str = ""                # default runs/<preset>[-<tag>]-sft
     tiny_dir: str = "tiny-models"  # where the seeded random models of `--model tiny` live
-    resolution: int = 512
-    steps: int = 20000
-    batch_size: int = 1          # global batch, split over ranks
-    lr: float = 1e-4
-    weight_decay: float = 1e-4
-    grad_clip: float = 1.0
-    lora_rank: int = 512
-    lora_alpha: float = 512.0
-    ref_probs: tuple = (0.9, 0.05, 0.05)  # 2/3/4 references
-    pe: str = "frame"            # frame | h | w | hw
-    guidance: float = 2.5
-    sample_steps: int = 28
-    max_text_len: int = 512
-    grad_ckpt: bool = True
-    kernels: str = "torch"       # torch | triton attention
-    ckpt_every: int = 500
+    resolution: int = 512        # paper: 512x512 targets; references at about the same area
+    steps: int = 20000           # optimizer steps
+    batch_size: int = 1          # global batch, split over ranks and then over grad_accum micro-steps
+    grad_accum: int = 1          # micro-steps per optimizer step: the paper's global batch on any GPU count
+    lr: float = 1e-4             # paper
+    weight_decay: float = 1e-4   # ours (AdamW)
+    grad_clip: float = 1.0       # ours
+    lora_rank: int = 512         # paper
+    lora_alpha: float = 512.0    # ours: alpha = rank, a LoRA scale of 1
+    ref_probs: tuple = (0.9, 0.05, 0.05)  # paper: 2/3/4 references with these probabilities
+    pe: str = "frame"            # position ids of the references: frame (paper) | h | w | hw (ablations)
+    guidance: float = 2.5        # Kontext's guidance embedding, at its inference value
+    sample_steps: int = 28       # Euler steps of the sample grids (Kontext's default)
+    max_text_len: int = 512      # T5 tokens
+    grad_ckpt: bool = True       # gradient checkpointing (ours: needed for 12B at 512px with 4 refs)
+    kernels: str = "torch"       # attention: torch (SDPA) | triton (kernels/attention.py)
+    ckpt_every: int = 500        # steps between checkpoints (resume points) and curves.png redraws
     log_every: int = 10
-    sample_every: int = 1000
-    n_eval: int = 4
+    sample_every: int = 1000     # steps between sample grids of held-out prompts (0: only the final one)
+    n_eval: int = 4              # held-out samples (the dataset's last): never trained on, shown in the grids
     seed: int = 0
     device: str = ""             # default cuda if available
 
@@ -249,16 +251,19 @@ def shift_sigmas(u, seq_len, m):
     return math.exp(mu) / (math.exp(mu) + (1 / u - 1))
 
 
-def flow_loss(m, transformer, batch, n_refs, cache, cfg, step, device):
+def flow_loss(m, transformer, batch, n_refs, cache, cfg, step, device, mine=None):
     """Rectified-flow loss: x_t = (1-s) x0 + s eps, predict eps - x0, on target tokens only.
 
-    `batch` is the global batch; this rank computes the mean loss over its share. Samples whose
-    latent shapes differ run as separate groups.
+    `batch` is the global batch; this rank computes the loss of the samples `mine` (default: its whole
+    share), divided by the size of its share, so that summing over gradient-accumulation micro-steps
+    and averaging over ranks (DDP) gives the global mean. Samples whose latent shapes differ run as
+    separate groups.
     """
     g = torch.Generator().manual_seed(cfg.seed * 7_919 + step)
     # Noise for the whole global batch from one generator; this rank keeps its share, so any number
-    # of ranks sees the same (sample, noise, sigma) triples as one process.
-    mine = list(range(len(batch)))[rank():: world()]
+    # of ranks and micro-steps sees the same (sample, noise, sigma) triples as one process.
+    share = len(batch) // world()
+    mine = list(range(len(batch)))[rank():: world()] if mine is None else mine
     items = [cache.get(batch[j], n_refs) for j in mine]
     eps_all = [torch.randn(cache.target_shape(s), generator=g) for s in batch]
     u_all = torch.rand(len(batch), generator=g).clamp(1e-4, 1 - 1e-4)
@@ -275,7 +280,7 @@ def flow_loss(m, transformer, batch, n_refs, cache, cfg, step, device):
         t5 = torch.stack([items[j][2] for j in idx]).to(device, m.dtype)
         pooled = torch.stack([items[j][3] for j in idx]).to(device, m.dtype)
         total = total + len(idx) * group_loss(m, transformer, x0, noise, u[idx], refs, t5, pooled, cfg)
-    return total / len(items)
+    return total / share
 
 
 def group_loss(m, transformer, x0, noise, u, refs, t5, pooled, cfg):
@@ -311,16 +316,32 @@ def lora_settings_of(cfg):
     return {key: getattr(cfg, key) for key in MODEL_SETTINGS}
 
 
+def split_samples(samples, n_eval):
+    """The last n_eval samples are held out: the sample grids show prompts the LoRA never trained on."""
+    if len(samples) <= n_eval:
+        raise SystemExit(f"[sft] {len(samples)} samples cannot hold out n_eval={n_eval} and still train")
+    return (samples[:-n_eval], samples[-n_eval:]) if n_eval else (samples, [])
+
+
+def draw_curves(out):
+    """runs/<name>-sft/curves.png from log.jsonl, redrawn at every checkpoint."""
+    rows = read_jsonl(out / "log.jsonl") if (out / "log.jsonl").exists() else []
+    line_chart(out / "curves.png", [("SFT flow-matching loss (train batch)",
+                                     {"loss": [(r["step"], r["loss"], None) for r in rows]})])
+
+
 def train(cfg):
     device = setup_dist(cfg.device)
-    name = cfg.preset or "run"
-    data_dir = Path(cfg.data or ROOT / "data" / name)
-    out = Path(cfg.out or ROOT / "runs" / f"{name}-sft")
+    data = data_dir(cfg)
+    out = Path(cfg.out) if cfg.out else stage_dir(cfg, "sft")
     print_config(cfg, "sft", out)
     ensure_writable(out, "sft")
+    if cfg.batch_size % (world() * cfg.grad_accum):
+        raise SystemExit(f"batch_size {cfg.batch_size} must be divisible by {world()} ranks x grad_accum {cfg.grad_accum}")
+    record = open_run(out, cfg, "sft", {"data": data / "samples.jsonl"})
     m = load_kontext(cfg.model, device, model_dtype(device), cfg.tiny_dir)
     use_kernels(m.transformer, cfg.kernels)
-    samples, cache = load_dataset(m, data_dir, cfg.resolution, cfg.max_text_len)
+    samples, cache = load_dataset(m, data, cfg.resolution, cfg.max_text_len)
     params = add_lora(m.transformer, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
     if cfg.grad_ckpt:
         m.transformer.enable_gradient_checkpointing()
@@ -336,21 +357,23 @@ def train(cfg):
     if world() > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.batch_size % world():
-        raise SystemExit(f"batch_size {cfg.batch_size} must be divisible by the {world()} ranks")
-    eval_set = samples[: cfg.n_eval]
+    samples, eval_set = split_samples(samples, cfg.n_eval)
     first = last = None
     t_start = time.time()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="sft", disable=rank() != 0)
     for step in bar:
         t0 = time.time()
         n, batch = draw_batch(samples, step, cfg.batch_size, cfg.ref_probs, cfg.seed)
-        loss = flow_loss(m, model, batch, n, cache, cfg, step, device)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        share = list(range(len(batch)))[rank():: world()]  # this rank's samples, then its micro-steps
+        loss = 0.0
+        for micro in range(cfg.grad_accum):
+            part = flow_loss(m, model, batch, n, cache, cfg, step, device, mine=share[micro:: cfg.grad_accum])
+            part.backward()  # gradients add up over micro-steps; DDP averages them over ranks
+            loss = loss + part.detach()
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
-        lval = loss.detach()
+        lval = loss
         if world() > 1:
             torch.distributed.all_reduce(lval)
             lval /= world()
@@ -364,21 +387,23 @@ def train(cfg):
                                              "grad_norm": float(gnorm), "step_s": time.time() - t0})
         if rank() == 0 and cfg.sample_every and done % cfg.sample_every == 0:
             m.transformer.eval()
-            sample_grid(m, unwrap(model), eval_set, data_dir, cfg, out / "samples" / f"step-{done:06d}.png")
+            sample_grid(m, unwrap(model), eval_set, data, cfg, out / "samples" / f"step-{done:06d}.png")
             m.transformer.train()
         if rank() == 0 and (done % cfg.ckpt_every == 0 or done == cfg.steps):
             save_checkpoint(ckpt, m.transformer, opt, done)
+            draw_curves(out)
         barrier()
         maybe_die("sft", done)
     if rank() == 0:
-        save_lora(m.transformer, out / "lora", settings=lora_settings_of(cfg))
+        save_lora(m.transformer, out / "lora", settings=lora_settings_of(cfg), record=record)
         m.transformer.eval()
-        sample_grid(m, m.transformer, eval_set, data_dir, cfg, out / "samples" / "final.png")
+        sample_grid(m, m.transformer, eval_set, data, cfg, out / "samples" / "final.png")
         print(f"[sft] done: {cfg.steps} steps ({cfg.steps - start} this run) in {time.time() - t_start:.1f}s; "
               f"loss first {first} last {last}")
         print(f"[sft] LoRA: {out / 'lora'}; log: {out / 'log.jsonl'}; samples: {out / 'samples'}")
     barrier()
     return m, out
+
 
 if __name__ == "__main__":
     run_stage("sft", train, parse_config(Config, "sft"))

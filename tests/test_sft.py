@@ -244,3 +244,92 @@ def test_torchrun_two_ranks_match_one_process(tmp_path, tiny_data, tiny_dir):
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-4, rtol=0), (k, (a[k] - b[k]).abs().max())
     assert any(not torch.equal(a[k], torch.zeros_like(a[k])) for k in a if "lora_B" in k)  # it trained
+
+
+def test_grad_accum_equals_one_big_batch(tmp_path, tiny_data, tiny_dir):
+    """--grad_accum 2 splits the global batch of 4 into two micro-steps: same LoRA as one step of 4."""
+    one = run_sft(tmp_path, tiny_data, tiny_dir, tmp_path / "one", "--steps", "4")
+    acc = run_sft(tmp_path, tiny_data, tiny_dir, tmp_path / "acc", "--steps", "4", "--grad_accum", "2")
+    other = run_sft(tmp_path, tiny_data, tiny_dir, tmp_path / "other", "--steps", "4", "--seed", "1")
+    for r in (one, acc, other):
+        assert r.returncode == 0, r.stderr[-2000:]
+    a, b, c = (load_file(tmp_path / d / "lora" / "pytorch_lora_weights.safetensors") for d in ("one", "acc", "other"))
+    gap = max((a[k] - b[k]).abs().max().item() for k in a)
+    seed_gap = max((a[k] - c[k]).abs().max().item() for k in a)
+    assert gap < 1e-5 and seed_gap > 1e-3, (gap, seed_gap)  # equal to float rounding, far inside a seed's change
+
+
+def test_held_out_samples_never_train():
+    samples = [{"id": str(i), "subjects": [0, 0]} for i in range(10)]
+    train, held = sft.split_samples(samples, 3)
+    assert [s["id"] for s in held] == ["7", "8", "9"] and len(train) == 7
+    drawn = {s["id"] for step in range(200) for s in sft.draw_batch(train, step, 4, (1, 0, 0), 0)[1]}
+    assert drawn == {str(i) for i in range(7)}
+    with pytest.raises(SystemExit, match="cannot hold out"):
+        sft.split_samples(samples[:3], 3)
+
+
+def test_mismatched_resume_is_refused_and_overwrite_replaces(tmp_path, tiny_data, tiny_dir):
+    first = run_sft(tmp_path, tiny_data, tiny_dir, tmp_path / "r", "--steps", "3")
+    assert first.returncode == 0, first.stderr[-2000:]
+    record = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert record["config"]["pe"] == "frame" and record["inputs"]["data"]["sha256"]
+    refused = run_sft(tmp_path, tiny_data, tiny_dir, tmp_path / "r", "--steps", "3", "--pe", "hw")
+    assert refused.returncode != 0 and "--pe: 'frame' there, 'hw' now" in refused.stderr, refused.stderr[-1500:]
+    assert "--overwrite" in refused.stderr and json.loads((tmp_path / "r" / "config.json").read_text()) == record
+    longer = run_sft(tmp_path, tiny_data, tiny_dir, tmp_path / "r", "--steps", "5")  # extending a run is a resume
+    assert longer.returncode == 0 and "resumed from" in longer.stdout, longer.stderr[-1500:]
+    replaced = run_sft(tmp_path, tiny_data, tiny_dir, tmp_path / "r", "--steps", "3", "--pe", "hw", "--overwrite")
+    assert replaced.returncode == 0 and "resumed from" not in replaced.stdout, replaced.stderr[-1500:]
+    saved = json.loads((tmp_path / "r" / "lora" / "config.json").read_text())
+    assert saved["settings"]["pe"] == "hw" and saved["config"]["pe"] == "hw" and saved["code"]["source"]
+
+
+def test_settings_travel_with_the_lora(tmp_path, tiny_data, tiny_dir):
+    """pe, guidance and resolution are read from the LoRA's config.json; an explicit other value is refused."""
+    import bench
+
+    res = run_sft(tmp_path, tiny_data, tiny_dir, tmp_path / "s", "--steps", "1", "--pe", "h", "--guidance", "3.0")
+    assert res.returncode == 0, res.stderr[-2000:]
+    lora = tmp_path / "s" / "lora"
+    cfg = common.parse_config(bench.Config, "bench", ["--preset", "tiny"])
+    common.adopt_lora_settings(cfg, [lora], "bench")
+    assert (cfg.pe, cfg.guidance, cfg.resolution) == ("h", 3.0, 64)
+    cfg = common.parse_config(bench.Config, "bench", ["--preset", "tiny", "--pe", "frame"])
+    with pytest.raises(SystemExit, match="--pe 'frame' contradicts pe='h'"):
+        common.adopt_lora_settings(cfg, [lora], "bench")
+
+
+def test_lora_with_a_missing_key_is_refused(tmp_path, tiny_data, tiny_dir):
+    from safetensors.torch import save_file
+
+    res = run_sft(tmp_path, tiny_data, tiny_dir, tmp_path / "k", "--steps", "1")
+    assert res.returncode == 0, res.stderr[-2000:]
+    path = tmp_path / "k" / "lora" / "pytorch_lora_weights.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    dropped = sorted(state)[0]
+    save_file({k: v for k, v in state.items() if k != dropped}, str(path), metadata=meta)
+    m = common.load_kontext("tiny", "cpu", torch.float32, tiny_dir)
+    with pytest.raises(ValueError, match="1 missing keys"):
+        common.load_lora_into(m.transformer, tmp_path / "k" / "lora")
+
+
+@pytest.mark.parametrize("stage", ["make_data", "sft", "rewards", "rl", "bench"])
+def test_help_lists_every_knob(stage):
+    res = subprocess.run([sys.executable, str(ROOT / f"{stage}.py"), "--help"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    mod = __import__(stage)
+    import dataclasses
+
+    for f in dataclasses.fields(mod.Config):
+        assert f"--{f.name} " in res.stdout, f.name
+    assert "--tag" in res.stdout and "--overwrite" in res.stdout
+
+
+def test_bad_choice_fails_before_any_model_loads():
+    """parse_config, which runs before any model is loaded, rejects a value outside the knob's set."""
+    with pytest.raises(SystemExit, match="--pe must be one of frame, h, w, hw; got 'diag'"):
+        common.parse_config(sft.Config, "sft", ["--preset", "tiny", "--pe", "diag"])
