@@ -34,6 +34,9 @@ from tqdm.auto import tqdm
 
 
 ROOT = Path(__file__).resolve().parent
+# The base model every stage defaults to (a hub id or a local folder); a LoRA records the one it was
+# trained on (MODEL_SETTINGS), and presets override it at their top level for every stage at once.
+KONTEXT_ID = "black-forest-labs/FLUX.1-Kontext-dev"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from common import (MODEL_SETTINGS, add_lora, append_jsonl, autocast, barrier, data_dir, decode_latents,
+from common import (KONTEXT_ID, MODEL_SETTINGS, add_lora, append_jsonl, autocast, barrier, data_dir, decode_latents,
                     encode_images, encode_text, ensure_writable, image_grid, line_chart, load_checkpoint,
                     load_dataset, load_kontext, maybe_die, model_dtype, open_image, open_run, parse_config,
                     pil_to_tensor, print_config, rank, read_jsonl, ref_size, run_stage, save_checkpoint, save_lora,
@@ -53,7 +53,7 @@ from common import (MODEL_SETTINGS, add_lora, append_jsonl, autocast, barrier, d
 class Config:
     """Defaults are the paper's recipe where it gives one; presets (configs/*.json) scale it down."""
     preset: str = ""
-    model: str = "black-forest-labs/FLUX.1-Kontext-dev"  # local folder, hub id, or "tiny"
+    model: str = KONTEXT_ID       # local folder, hub id, or "tiny"
     data: str = ""               # default data/<preset>
     out: str = ""                # default runs/<preset>[-<tag>]-sft
     tiny_dir: str = "tiny-models"  # where the seeded random models of `--model tiny` live
@@ -80,6 +80,7 @@ class Config:
     seed: int = 0
     device: str = ""             # default cuda if available
 
+
 # ----------------------------------------------------------------------------------------------
 # Packing: a VAE latent becomes a sequence of tokens, one per 2x2 latent patch (Flux's layout).
 # A 512x512 image -> [16, 64, 64] latent -> 32x32 = 1024 tokens of 4 * 16 = 64 dims.
@@ -95,6 +96,7 @@ def unpack(tokens, h, w):
     b, _, d = tokens.shape
     c = d // 4
     return tokens.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
 
 # ----------------------------------------------------------------------------------------------
 # Position ids: the heart of PSR's frame-wise encoding. The ids are (index, row, col) per token;
@@ -145,6 +147,7 @@ def velocity(m, x_t, refs, sigma, t5, pooled, target_hw, ref_hws, pe="frame", gu
              return_dict=False)[0]
     return out[:, : x_t.shape[1]]
 
+
 # ----------------------------------------------------------------------------------------------
 # Sampler: flow-matching Euler from sigma = 1 (noise) to 0 (image), on the schedule
 # FluxKontextPipeline uses (linspace, then Flux's shift that grows with the number of tokens).
@@ -179,10 +182,10 @@ def prepare_refs(m, refs_per_item, height, width):
     for k in range(n.pop()):
         sizes = {ref_size(*r[k].size, area, f) for r in refs_per_item}
         size = sizes.pop() if len(sizes) == 1 else (height, width)
-        lat = encode_images(m, pil_to_tensor([r[k] for r in refs_per_item], size))
-        cols.append(pack(lat))
+        lat = encode_images(m, pil_to_tensor([r[k] for r in refs_per_item], size))  # [B,C,h,w]
+        cols.append(pack(lat))                                                    # [B,(h/2)(w/2),4C]
         hws.append((lat.shape[2] // 2, lat.shape[3] // 2))
-    refs = torch.cat(cols, 1) if cols else torch.zeros(len(refs_per_item), 0, 64, device=m.device, dtype=m.dtype)
+    refs = torch.cat(cols, 1)  # [B, Lr, 4C]: ref 1's tokens, then ref 2's, ... (the order of position_ids) if cols else torch.zeros(len(refs_per_item), 0, 64, device=m.device, dtype=m.dtype)
     return refs, hws
 
 
@@ -224,6 +227,7 @@ def generate(m, prompts, refs, height=512, width=512, steps=28, guidance=2.5, se
     lat = sample_latents(m, t5, pooled, ref_tokens, hws, height, width, seed, steps, guidance, pe,
                          transformer=transformer)
     return tensor_to_pil(decode_latents(m, lat))
+
 
 # ----------------------------------------------------------------------------------------------
 # The flow-matching loss on multi-reference batches.
@@ -287,15 +291,16 @@ def group_loss(m, transformer, x0, noise, u, refs, t5, pooled, cfg):
     """Mean flow-matching loss of samples of one shape: x0, noise [B,C,H,W]; u [B] uniform draws;
     refs: list of [B,C,h,w] reference latents; t5, pooled: text embeddings."""
     lh, lw = x0.shape[2:]
-    x0p, noisep = pack(x0), pack(noise)
-    sig = torch.tensor([shift_sigmas(float(v), x0p.shape[1], m) for v in u], device=x0.device)
-    x_t = (1 - sig[:, None, None]) * x0p + sig[:, None, None] * noisep
-    ref_tok = torch.cat([pack(r) for r in refs], 1).to(m.dtype)
-    hws = [(r.shape[2] // 2, r.shape[3] // 2) for r in refs]
+    x0p, noisep = pack(x0), pack(noise)                                 # [B,Lt,4C], Lt = (H/2)(W/2)
+    sig = torch.tensor([shift_sigmas(float(v), x0p.shape[1], m) for v in u], device=x0.device)  # [B]
+    x_t = (1 - sig[:, None, None]) * x0p + sig[:, None, None] * noisep  # the straight path noise <-> data
+    ref_tok = torch.cat([pack(r) for r in refs], 1).to(m.dtype)         # [B, sum_k Lr_k, 4C], clean
+    hws = [(r.shape[2] // 2, r.shape[3] // 2) for r in refs]            # each reference's token grid
     with autocast(x0.device):
         v = velocity(m, x_t.to(m.dtype), ref_tok, sig, t5, pooled, (lh // 2, lw // 2), hws, cfg.pe,
-                     cfg.guidance, transformer)
-    return F.mse_loss(v.float(), noisep - x0p)
+                     cfg.guidance, transformer)                         # [B,Lt,4C], target tokens only
+    return F.mse_loss(v.float(), noisep - x0p)  # the velocity of that path is eps - x0
+
 
 # ----------------------------------------------------------------------------------------------
 # Training: LoRA on the frozen base, resumable from checkpoint.pt at any step.

@@ -1,5 +1,5 @@
 """
-world_perception.py - the shapes world's reward stand-ins (DESIGN section 10), trained here on CPU.
+world_perception.py - the shapes world's reward stand-ins (a detector, an embedder and a judge of the world), trained here on CPU.
 
 rewards.py scores generated images with a detector, a DINO embedder and a VLM judge. In the shapes
 world (make_data.py's procedural subjects at 32x32 pixels) those are replaced by small models of
