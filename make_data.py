@@ -63,7 +63,9 @@ class Config:
     llm: str = "template"         # template | a local instruct model (folder or hub id) | http(s)://host/v1
     llm_model: str = ""           # model name at an endpoint
     llm_key: str = ""
-    llm_retries: int = 3
+    llm_retries: int = 3          # asks per id when a reply does not parse or fails the leak check
+    endpoint_retries: int = 4     # tries per request to an endpoint (exponential backoff), then the id waits for a rerun
+    endpoint_backoff: float = 1.0  # seconds before the first retry, doubled each time
     vlm: str = "template"         # template | a local Qwen2.5-VL (folder or hub id) | http(s)://host/v1
     vlm_model: str = ""
     t2i: str = "black-forest-labs/FLUX.1-dev"
@@ -71,12 +73,18 @@ class Config:
     dino: str = "facebook/dino-vits16"
     box_threshold: float = 0.35
     text_threshold: float = 0.25
-    exact_once: bool = True       # drop a scene where a category is found more than once (or never)
+    exact_once: bool = True       # drop a scene where a category is found more than once (or never), after NMS
+    nms_iou: float = 0.5          # boxes of one category overlapping more than this are one object
     min_box_frac: float = 0.02    # smallest box area as a fraction of the image
     min_dino: float = 0.5         # smallest DINO similarity of a reference to its crop
     gen_steps: int = 28
     t2i_guidance: float = 3.5
     edit_guidance: float = 2.5
+    gen_batch: int = 4            # images per diffusion call (FLUX.1-dev scenes, Kontext references and edits)
+    detect_batch: int = 16
+    text_batch: int = 8           # prompts per local LLM/VLM generate call
+    round_size: int = 256         # ids per rank per round (every phase runs over a round before the next)
+    max_draws: float = 3.0        # give up after n_samples * max_draws ids (a pipeline that drops everything stops)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,32 +306,75 @@ def make_procedural(cfg, out):
 
 
 # ----------------------------------------------------------------------------------------------
-# The `models` source. Each step is a small function; the sample's randomness follows from
-# (seed, index), so reruns and ranks agree on what sample i is.
+# The `models` source (DESIGN 4). Sample i is a pure function of (seed, i): its task, categories and
+# every noise draw come from (seed, i, purpose), so reruns, ranks and batch sizes agree on what it is.
+# It runs in phases, one model family on the GPU at a time (see make_models at the end).
 
 def load_categories(path):
     p = Path(path) if Path(path).is_absolute() else ROOT / path
     if not p.exists():
         raise SystemExit(f"category pool {p} not found")
-    names = [ln.strip() for ln in p.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    lines = [ln.split("#")[0].strip() for ln in p.read_text().splitlines() if not ln.startswith("#")]
     # Objects365 writes alternatives as "Cabinet/shelf": the detector gets the first, lowercased
-    return sorted({n.split("/")[0].strip().lower() for n in names})
+    return sorted({n.split("/")[0].strip().lower() for n in lines if n})
+
+
+def draw_seed(seed, index, purpose):
+    """A 63-bit seed for one random draw of sample `index` ("scene", "ref0", "edit", "llm1", ...):
+    hashing keeps every (sample, purpose) pair apart, where seed + index + k collides across samples."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"{seed}/{index}/{purpose}".encode()).digest()[:8], "big") >> 1
+
+
+def sample_rng(cfg, i, purpose):
+    return random.Random(draw_seed(cfg.seed, i + cfg.id_offset, purpose))
+
+
+EDIT_TASKS = ("attribute", "action", "complex")
+
+
+def plan(cfg, i, pool):
+    """Task and categories of sample i (ours: categories uniform over the pool, tasks by task_mix)."""
+    rng = sample_rng(cfg, i, "plan")
+    task = rng.choices(TASKS, weights=cfg.task_mix)[0]
+    return task, rng.sample(pool, {"three": 3, "four": 4}.get(task, 2))
+
+
+def sample_id(cfg, task, i):
+    return f"{task}-{i + cfg.id_offset:07d}"
 
 
 PLACES = ("a sunny park", "a kitchen counter", "a beach at sunset", "a snowy street", "a wooden table",
           "a living room", "a forest path", "a city rooftop", "a desert road", "a library shelf")
 LOOKS = ("red", "blue", "green", "yellow", "striped", "spotted", "wooden", "metal", "fluffy", "shiny", "vintage",
          "small", "large", "white", "black", "golden")
-EDITS = {"attribute": ("wearing a tiny hat", "painted bright purple", "wearing a scarf"),
-         "action": ("jumping in the air", "lying on its side", "spinning around")}
+# the template backend's edits: ones that make sense for any object, since a template cannot know
+# what suits a subject (the LLM backend is asked for one that does)
+TEMPLATE_EDITS = {"attribute": ("Give the {c} a small knitted hat.", "Paint the {c} bright purple.",
+                                "Wrap a striped scarf around the {c}.", "Cover the {c} in a layer of snow.",
+                                "Put a pair of sunglasses on the {c}.", "Make the {c} glow with a soft light."),
+                  "action": ("Tilt the {c} to one side.", "Turn the {c} upside down.", "Lay the {c} on its side.",
+                             "Turn the {c} to face the camera.", "Lift the {c} into the air.",
+                             "Move the {c} to the front of the scene.")}
 PROMPT_REQUEST = (
     "Write prompts for a text-to-image model. Subjects: {cats}. Reply with JSON only: "
     '{{"scene": "<one photo with all subjects together, each with a distinctive appearance>", '
     '"subjects": [{{"category": "<subject>", "prompt": "<that subject alone in a different place>"}}, ...]}}')
+EDIT_REQUEST = (
+    "A photo shows: {scene}\nPropose one {kind} edit for one of these subjects: {cats}. Choose a subject and an "
+    "edit that suit each other ({hint}). Reply with JSON only: "
+    '{{"subject": "<one of the subjects>", "edit": "<an instruction to an image editor, naming the subject '
+    'by its category>"{extra}}}')
+EDIT_HINTS = {"attribute": "an accessory, a colour change, a change of state; something the subject can have",
+              "action": "a pose or an action an animal or person can take, a movement or new placement an object "
+                        "can undergo"}
 INSTRUCTION_REQUEST = (
     "This image shows: {cats}. Write one instruction that asks for this image given a reference photo of each "
     "subject. {focus} Name every subject only by its category word ({cats}); never describe its colour, "
     "material, pattern or other appearance. Reply with the instruction only.")
+EDIT_FOCUS = ("The image was made by this edit: \"{edit}\". The instruction must ask for that edit in its own "
+              "words.")
 
 
 def template_prompts(cats, rng):
@@ -336,8 +387,16 @@ def template_prompts(cats, rng):
     return json.dumps({"scene": scene, "subjects": subjects})
 
 
-def parse_prompts(reply, cats):
-    """The first JSON object in the reply, with a scene and one prompt per asked category; else None."""
+def template_edit(task, cats, rng):
+    """The no-model backend's stage-B edit: a subject, an edit, and for `complex` a new background."""
+    c = rng.choice(cats)
+    edit = {"subject": c, "edit": rng.choice(TEMPLATE_EDITS["action" if task == "action" else "attribute"]).format(c=c)}
+    if task == "complex":
+        edit["background"] = rng.choice(PLACES)
+    return json.dumps(edit)
+
+
+def first_json(reply):
     import re
 
     m = re.search(r"\{.*\}", reply or "", re.S)
@@ -347,8 +406,14 @@ def parse_prompts(reply, cats):
         obj = json.loads(m.group(0))
     except json.JSONDecodeError:
         return None
-    subj = obj.get("subjects") if isinstance(obj, dict) else None
-    if not isinstance(obj.get("scene") if isinstance(obj, dict) else None, str) or not isinstance(subj, list):
+    return obj if isinstance(obj, dict) else None
+
+
+def parse_prompts(reply, cats):
+    """The first JSON object in the reply, with a scene and one prompt per asked category; else None."""
+    obj = first_json(reply)
+    subj = obj.get("subjects") if obj else None
+    if not isinstance(obj.get("scene") if obj else None, str) or not isinstance(subj, list):
         return None
     by_cat = {str(s.get("category", "")).strip().lower(): s.get("prompt") for s in subj if isinstance(s, dict)}
     if any(not isinstance(by_cat.get(c), str) for c in cats):
@@ -356,12 +421,48 @@ def parse_prompts(reply, cats):
     return {"scene": obj["scene"], "subjects": [{"category": c, "prompt": by_cat[c]} for c in cats]}
 
 
-class TextModel:
-    """An LLM (text only) or VLM (text + one image) behind one call: template, local or endpoint."""
+def parse_edit(reply, task, cats):
+    """{"subject", "edit"(, "background")} naming one of `cats`, or None."""
+    obj = first_json(reply)
+    if not obj or not isinstance(obj.get("edit"), str) or not obj["edit"].strip():
+        return None
+    subject = str(obj.get("subject", "")).strip().lower()
+    if subject not in cats:
+        return None
+    edit = {"subject": subject, "edit": obj["edit"].strip()}
+    if task == "complex":
+        if not isinstance(obj.get("background"), str) or not obj["background"].strip():
+            return None
+        edit["background"] = obj["background"].strip()
+    return edit
 
-    def __init__(self, spec, kind, model_name="", key="", device="cpu", tiny_dir="tiny-models", max_tokens=256):
+
+def edit_request(task, scene, cats):
+    extra = ', "background": "<a new setting for the whole scene>"' if task == "complex" else ""
+    kind = "action" if task == "action" else "attribute"
+    return EDIT_REQUEST.format(scene=scene, kind=kind, cats=", ".join(cats), hint=EDIT_HINTS[kind], extra=extra)
+
+
+def editor_instruction(edit):
+    """What Kontext is told: the edit, plus the new background for `complex` (the task combines both)."""
+    if "background" not in edit:
+        return edit["edit"]
+    return f"{edit['edit'].rstrip('.')}. Change the background to {edit['background']}, keeping every subject."
+
+
+class EndpointDown(RuntimeError):
+    """An endpoint still failing after its retries: the id is left for the next run, not dropped."""
+
+
+class TextModel:
+    """An LLM (text only) or VLM (text + one image): template, local model or endpoint. Batched:
+    a local model generates a padded batch, an endpoint gets concurrent requests."""
+
+    def __init__(self, spec, kind, model_name="", key="", device="cpu", tiny_dir="tiny-models", max_tokens=256,
+                 retries=3, backoff=1.0, concurrency=16):
         self.spec, self.kind, self.model_name, self.key = spec, kind, model_name, key
-        self.device, self.max_tokens = device, max_tokens
+        self.device, self.max_tokens, self.retries, self.backoff = device, max_tokens, retries, backoff
+        self.concurrency = concurrency
         if spec == "template" or spec.startswith(("http://", "https://")):
             return
         from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
@@ -372,107 +473,293 @@ class TextModel:
         if spec == "tiny":
             path = tiny_path("llm" if kind == "llm" else "judge", tiny_dir)
         self.tok = AutoTokenizer.from_pretrained(path)
+        self.tok.padding_side = "left"  # generation appends on the right
+        dtype = model_dtype(device)
         if kind == "llm":
-            self.model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
+            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
         else:
             from transformers import Qwen2_5_VLForConditionalGeneration
 
-            self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path).to(device).eval()
+            self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device).eval()
             self.ip = AutoImageProcessor.from_pretrained(path)
 
+    def is_endpoint(self):
+        return self.spec.startswith(("http://", "https://"))
+
+    def ask(self, prompt, image=None, temperature=0.7):
+        from rewards import chat_endpoint
+
+        try:
+            return chat_endpoint(self.spec, self.model_name, prompt, image, self.key, temperature, self.max_tokens,
+                                 retries=self.retries, backoff=self.backoff, what=f"{self.kind} endpoint")
+        except RuntimeError as e:
+            raise EndpointDown(str(e)) from e
+
     @torch.no_grad()
+    def batch(self, prompts, images=None, seed=None, batch_size=8):
+        """Replies, one per prompt; an endpoint's EndpointDown comes back in place of its reply.
+        seed=None: greedy (a local model's first try); else sampled at temperature 0.7 from that seed,
+        so a retry can give another answer."""
+        images = images or [None] * len(prompts)
+        if self.is_endpoint():
+            import concurrent.futures as cf
+
+            def one(p, im):
+                try:
+                    return self.ask(p, im)
+                except EndpointDown as e:
+                    return e
+
+            with cf.ThreadPoolExecutor(self.concurrency) as pool:
+                return list(pool.map(one, prompts, images))
+        replies = []
+        for j in range(0, len(prompts), batch_size):
+            ps, ims = prompts[j: j + batch_size], images[j: j + batch_size]
+            if self.kind == "llm":
+                texts = [self.tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                      tokenize=False) for p in ps]
+                enc = self.tok(texts, return_tensors="pt", padding=True).to(self.device)
+            else:
+                from rewards import vl_inputs
+
+                enc = vl_inputs(self.tok, self.ip, ims, ps, self.device)
+            kw = dict(do_sample=False)
+            if seed is not None:
+                torch.manual_seed(seed + j)
+                kw = dict(do_sample=True, temperature=0.7, top_p=0.95)
+            out = self.model.generate(**enc, max_new_tokens=self.max_tokens, pad_token_id=self.tok.pad_token_id, **kw)
+            replies += self.tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        return replies
+
     def __call__(self, prompt, image=None):
-        if self.spec.startswith(("http://", "https://")):
-            from rewards import chat_endpoint
-
-            return chat_endpoint(self.spec, self.model_name, prompt, image, self.key, 0.7, self.max_tokens,
-                                 retries=3, what=f"{self.kind} endpoint")
-        if self.kind == "llm":
-            text = self.tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                tokenize=False)
-            enc = self.tok([text], return_tensors="pt").to(self.device)
-        else:
-            from rewards import vl_inputs
-
-            enc = vl_inputs(self.tok, self.ip, [image], [prompt], self.device)
-        out = self.model.generate(**enc, max_new_tokens=self.max_tokens, do_sample=False)
-        return self.tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        if self.is_endpoint():
+            return self.ask(prompt, image)
+        return self.batch([prompt], [image])[0]
 
 
-def write_prompts(llm, cats, rng, retries):
-    """Scene and per-subject prompts; a reply that does not parse is asked again, then the sample drops."""
-    for _ in range(retries):
-        reply = template_prompts(cats, rng) if llm.spec == "template" else llm(PROMPT_REQUEST.format(cats=", ".join(cats)))
-        parsed = parse_prompts(reply, cats)
-        if parsed is not None:
-            return parsed
-    return None
+# ----------------------------------------------------------------------------------------------
+# The leak check (paper: instructions name subjects by category only, so appearance must come from
+# the references). Ours: a small parser that finds the words bound to each subject mention, before
+# the noun ("the fluffy striped cat") and after it ("a dog with a shaggy red coat", "the cat is
+# ginger"). Appearance words are what the scene and reference prompts bind to a subject, plus a
+# lexicon of colours, materials, patterns, sizes and breeds (a VLM may invent a colour the prompt
+# never had). Relations, verbs and other subjects' names are never appearance.
+
+COLOURS = set("red orange yellow green blue purple violet pink brown black white gray grey golden gold silver beige tan "
+              "ginger cream ivory maroon navy teal turquoise crimson scarlet amber bronze copper khaki olive lavender "
+              "magenta cyan rainbow multicolored multicoloured colorful colourful pastel dark light bright pale "
+              "blond blonde".split())
+MATERIALS = set("wooden wood metal metallic steel iron plastic glass leather ceramic porcelain stone marble brass chrome "
+                "rubber paper cardboard fabric wool woolen woollen knitted cotton silk velvet denim plush wicker "
+                "bamboo crystal".split())
+PATTERNS = set("striped stripes spotted spots dotted polka checkered checked plaid tartan floral patterned tabby "
+               "speckled camouflage paisley".split())
+SIZES = set("small tiny little large big huge giant miniature tall short long thin slim fat chubby".split())
+TEXTURES_LOOKS = set("fluffy shaggy fuzzy furry hairy curly shiny glossy matte sparkly glittery rusty dusty muddy old "
+                     "vintage antique retro worn shabby polished elegant ornate fancy cute".split())
+BREEDS = set("labrador poodle beagle bulldog dachshund husky corgi terrier retriever siamese persian calico "
+             "shepherd collie pug dalmatian chihuahua".split())
+LEXICON = COLOURS | MATERIALS | PATTERNS | SIZES | TEXTURES_LOOKS | BREEDS
+CLOTHING = set("sweater coat jacket hat scarf dress shirt costume uniform collar boots raincoat hoodie vest cap "
+               "bow tie sunglasses glasses".split())
+DETERMINERS = set("a an the this that these those its his her their our my your some two three four one".split())
+# after the noun, these open a phrase that describes the subject
+HAS = set("with wearing wears wear dressed covered made having has sporting painted".split())
+IS = set("is are looks look appears seems".split())
+# words that end a phrase bound to a subject (a relation, a clause, a preposition of place)
+BOUNDARY = set("and or but next beside besides near by left right above below behind front under over on at in into "
+               "onto to from between while who that which where as than like facing toward towards against "
+               "together alone sits sit sitting stands stand standing lies lie lying rests resting placed "
+               "put show make give place let keep".split())
+STOP = DETERMINERS | BOUNDARY | set("of for very also both each other same photo picture image scene".split())
 
 
-STOP = {"a", "an", "the", "of", "and", "with", "in", "on", "at", "photo", "together", "its", "their", "two", "three",
-        "four", "one", "some", "very", "is", "are"}
-
-
-def appearance_words(scene, cats):
-    """Words the scene prompt uses to describe each subject: up to three words before its category."""
+def tokens(text):
+    """(word, start, end) for each word and each punctuation mark, lowercased."""
     import re
 
-    words = re.findall(r"[a-z]+", scene.lower())
-    found = set()
+    return [(m.group(0).lower(), m.start(), m.end()) for m in re.finditer(r"[A-Za-z]+(?:[-'][A-Za-z]+)*|[^\sA-Za-z]", text)]
+
+
+def is_word(w):
+    return w[0].isalpha()
+
+
+def mentions(toks, cat):
+    """Token spans (first, last) where category `cat` occurs as whole words (plural allowed)."""
+    parts = cat.lower().split()
+    words = [t[0] for t in toks]
+    out = []
+    for i in range(len(words) - len(parts) + 1):
+        *head, last = parts
+        if words[i: i + len(head)] == head and words[i + len(head)] in (last, last + "s", last + "es"):
+            out.append((i, i + len(parts) - 1))
+    return out
+
+
+def bound_words(text, cats):
+    """For each subject mention: (token indices of the words before the noun, words after it in a
+    describing phrase, the trigger word of that phrase). Category words themselves are never bound."""
+    toks = tokens(text)
+    words = [t[0] for t in toks]
+    cat_words = {w for c in cats for p in c.lower().split() for w in (p, p + "s", p + "es")}
+    found = []
     for c in cats:
-        head = c.split()[-1]
-        for i, w in enumerate(words):
-            if w == head:
-                found |= {x for x in words[max(0, i - 3): i] if x not in STOP and x not in c.split()}
+        for first, last in mentions(toks, c):
+            pre, j = [], first - 1
+            while j >= 0 and len(pre) < 4 and is_word(words[j]) and words[j] not in STOP and words[j] not in cat_words \
+                    and not words[j].endswith("ing"):
+                pre.append(j)
+                j -= 1
+            post, trigger, j = [], None, last + 1
+            if j < len(words) and (words[j] in HAS or words[j] in IS or words[j] == "in"):
+                trigger, j = words[j], j + 1
+                while j < len(words) and is_word(words[j]):
+                    w = words[j]
+                    nxt = words[j + 1] if j + 1 < len(words) else ""
+                    if w == "of" and words[j - 1] == "made" or w in DETERMINERS:
+                        j += 1
+                        continue
+                    if w == "and" and nxt in LEXICON:  # "black and white fur"
+                        j += 1
+                        continue
+                    if w in cat_words:  # "with the steel knife": those words were another subject's
+                        post = []
+                    if w in BOUNDARY or w in cat_words or w.endswith("ing") or w == "of":
+                        break
+                    post.append(j)
+                    j += 1
+            found.append((c, pre, post, trigger))
+    return toks, found
+
+
+def describing(word, trigger):
+    """Is `word`, after trigger `trigger`, part of the subject's look? ("with a red collar": yes; "in
+    a park": no, though "in a red sweater" is)."""
+    if trigger in HAS:
+        return True
+    return word in LEXICON or (trigger == "in" and word in CLOTHING)
+
+
+def appearance_words(texts, cats):
+    """Words the prompts (the scene prompt and the per-subject reference prompts) bind to subjects."""
+    texts = [texts] if isinstance(texts, str) else texts
+    found = set()
+    for text in texts:
+        toks, bound = bound_words(text, cats)
+        for _, pre, post, trigger in bound:
+            found |= {toks[j][0] for j in pre}
+            found |= {toks[j][0] for j in post if describing(toks[j][0], trigger)}
     return found
 
 
-def leaked_words(instruction, words):
+def content_words(text, cats=()):
+    cat_words = {w for c in cats for w in c.lower().split()}
+    return {w for w, _, _ in tokens(text) if is_word(w) and w not in STOP and w not in cat_words and len(w) > 2}
+
+
+EDIT_VERBS = set("give make turn change add paint put wrap cover move lift lay tilt let".split())
+
+
+def remove_tokens(text, toks, idx):
+    """The text without the tokens at `idx` (and their trailing space), fixing a/an before the next word."""
     import re
 
-    return sorted(set(re.findall(r"[a-z]+", instruction.lower())) & set(words))
+    out, pos = [], 0
+    for j in sorted(idx):
+        out.append(text[pos: toks[j][1]])
+        pos = toks[j][2]
+        while pos < len(text) and text[pos] == " ":
+            pos += 1
+    out.append(text[pos:])
+    text = "".join(out)
+    text = re.sub(r"\b([Aa])n ([^aeiouAEIOU\W])", r"\1 \2", text)
+    return re.sub(r"\b([Aa]) ([aeiouAEIOU])", r"\1n \2", text)
 
 
-def remove_words(instruction, words):
-    import re
-
-    out = instruction
-    for w in words:
-        out = re.sub(rf"\b{re.escape(w)}\b\s*", "", out, flags=re.I)
-    return re.sub(r"\s+", " ", out).strip()
-
-
-def check_instruction(instruction, cats, appearance):
-    """(instruction or None, reason): rewrite a leaking one without the leaked words; drop it if the
-    rewrite still leaks or if a subject's category is missing."""
+def check_instruction(instruction, cats, appearance, edit_text=""):
+    """(instruction or None, verdict). Appearance words (from the prompts or the lexicon) bound to a
+    subject before its noun are removed ("rewritten"); one in a phrase after the noun cannot be cut
+    out safely, so the instruction drops ("appearance_leak"). Every subject must be named as a whole
+    word, and an edited sample's instruction must state its edit; words of the edit itself are allowed."""
     if not instruction or not instruction.strip():
         return None, "instruction_empty"
-    leaks = leaked_words(instruction, appearance)
-    if leaks:
-        instruction = remove_words(instruction, leaks)
-        if leaked_words(instruction, appearance):
+    instruction = instruction.strip().strip('"').strip()
+    allowed = content_words(edit_text, cats) if edit_text else set()
+    bad = (set(appearance) | LEXICON) - allowed
+    toks, bound = bound_words(instruction, cats)
+    pre = {j for _, p, _, _ in bound for j in p if toks[j][0] in bad}
+    post = {j for _, _, q, trig in bound for j in q if toks[j][0] in bad and describing(toks[j][0], trig)}
+    if post:
+        return None, "appearance_leak"
+    if pre:
+        instruction = remove_tokens(instruction, toks, pre)
+        toks, bound = bound_words(instruction, cats)
+        if any(toks[j][0] in bad for _, p, _, _ in bound for j in p):
             return None, "appearance_leak"
-    if any(c.split()[-1] not in instruction.lower() for c in cats):
+    if any(not mentions(tokens(instruction), c) for c in cats):
         return None, "instruction_missing_subject"
-    return instruction, "rewritten" if leaks else "ok"
+    if edit_text and not (content_words(edit_text, cats) - EDIT_VERBS) & content_words(instruction, cats):
+        return None, "instruction_missing_edit"
+    return instruction, "rewritten" if pre else "ok"
 
 
-def template_instruction(task, cats, edit):
+def relation_of(a, b):
+    """Where box a sits relative to box b, in the words of the `position` task."""
+    dx = (a[0] + a[2] - b[0] - b[2]) / 2
+    dy = (a[1] + a[3] - b[1] - b[3]) / 2
+    if abs(dx) >= abs(dy):
+        return "to the left of" if dx < 0 else "to the right of"
+    return "above" if dy < 0 else "below"
+
+
+def template_instruction(task, cats, edit, boxes, scene):
+    """The no-model VLM: states the edit, the relation the boxes show, or the scene's place."""
     listed = ", ".join(f"the {c}" for c in cats[:-1]) + f" and the {cats[-1]}"
-    if task in ("attribute", "action", "complex") and edit:
-        return f"Show {listed} together, with the {edit[0]} {edit[1]}."
+    if edit:
+        text = editor_instruction(edit).replace(", keeping every subject", "")
+        return f"Show {listed} together. {text}"
     if task == "background":
-        return f"Place {listed} together in a new place."
+        place = scene.split(" together in ")[-1].rstrip(".") if " together in " in scene else "a new place"
+        return f"Place {listed} together in {place}."
     if task == "position":
-        return f"Put the {cats[0]} to the left of the {cats[1]}."
+        return f"Put the {cats[0]} {relation_of(boxes[0], boxes[1])} the {cats[1]}."
     return f"Show {listed} together in one picture."
 
 
-def filter_boxes(det, cats, size, exact_once, min_box_frac):
+def focus_for(task, edit):
+    if edit:
+        return EDIT_FOCUS.format(edit=editor_instruction(edit))
+    return {"position": "Say where each subject is relative to the others.",
+            "background": "Describe the setting."}.get(task, "Show the subjects together.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Detection filters (ours, the paper gives none): non-maximum suppression first, since Grounding
+# DINO often returns one object twice; then each category exactly once, its box not tiny.
+
+def iou(a, b):
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def nms(found, threshold=0.5):
+    """Best-first (box, score) pairs without those overlapping a better one by more than `threshold`."""
+    kept = []
+    for box, score in sorted(found, key=lambda bs: -bs[1]):
+        if all(iou(box, k[0]) <= threshold for k in kept):
+            kept.append((box, score))
+    return kept
+
+
+def filter_boxes(det, cats, size, exact_once, min_box_frac, nms_iou=0.5):
     """One box per category, or the drop reason."""
     boxes = []
     for c in cats:
-        found = det.get(c, [])
+        found = nms(det.get(c, []), nms_iou)
         if not found:
             return None, "not_found"
         if exact_once and len(found) > 1:
@@ -480,123 +767,461 @@ def filter_boxes(det, cats, size, exact_once, min_box_frac):
         box = found[0][0]
         if (box[2] - box[0]) * (box[3] - box[1]) < min_box_frac * size[0] * size[1]:
             return None, "box_too_small"
-        boxes.append(box)
+        boxes.append([float(v) for v in box])
     return boxes, "ok"
 
 
-@dataclass
-class Models:
-    llm: object
-    vlm: object
-    t2i: object
-    kontext: object
-    detector: object
-    embed: object
+def ref_input_size(w, h, resolution):
+    """(width, height) of about resolution^2 pixels at the crop's aspect ratio (clamped to 1:4..4:1),
+    sides multiples of 16: Kontext takes any such size, where a square stretch distorts the subject."""
+    from common import ref_size
+
+    height, width = ref_size(min(4.0, max(0.25, w / h)), 1.0, resolution * resolution, 16)
+    return width, height
 
 
-def load_models(cfg, device):
-    from diffusers import FluxKontextPipeline, FluxPipeline
+def reference_input(crop_im, resolution):
+    """The crop Kontext re-renders: resized, never stretched."""
+    return crop_im.resize(ref_input_size(*crop_im.size, resolution), Image.BICUBIC)
 
+
+# ----------------------------------------------------------------------------------------------
+# Phases (ours; the paper does not say how it ran). One model family on the GPU at a time, so the
+# pipeline fits one 80 GB GPU: prompts (LLM) -> scenes (FLUX.1-dev) -> detection and crops
+# (Grounding DINO) -> references (Kontext, DINO filter) -> edits (Kontext, detection again) ->
+# instructions (VLM). Each phase appends one row per id to work/<phase>.rank<r>.jsonl and reads
+# the previous phase's rows from every rank's file, so a rerun, with any number of ranks, resumes
+# where each id stopped. Ids run in rounds: a round takes the lowest ids not yet kept or dropped,
+# as many as samples are still missing, so `n_samples` counts kept samples and the dataset is "the
+# first n_samples ids that survive", whatever the rank count or the interruptions.
+
+PHASES = ("prompts", "scene", "detect", "reference", "edit", "instruction")
+
+
+def work(out, *parts):
+    return Path(out).joinpath("work", *parts)
+
+
+def scene_path(out, i):
+    return work(out, "scene", f"{i}.png")
+
+
+def edit_path(out, i):
+    return work(out, "edit", f"{i}.png")
+
+
+def ref_path(out, i, k):
+    return work(out, "ref", f"{i}_{k}.png")
+
+
+def phase_rows(out, phase):
+    """{index: row} that any rank, in this run or an earlier one, wrote for `phase`."""
+    rows = {}
+    for p in sorted(work(out).glob(f"{phase}.rank*.jsonl")):
+        rows.update((r["index"], r) for r in read_jsonl(p))
+    return rows
+
+
+def record(out, phase, row):
+    append_jsonl(work(out, f"{phase}.rank{rank():03d}.jsonl"), row)
+
+
+def drop(out, i, phase, reason, stats):
+    """A drop is for good (a rerun skips the id): only outcomes that a rerun would repeat drop."""
+    append_jsonl(Path(out) / f"drops.rank{rank():03d}.jsonl", {"index": i, "phase": phase, "reason": reason})
+    stats["drops"][reason] = stats["drops"].get(reason, 0) + 1
+    clean_work(out, i)
+
+
+def clean_work(out, i):
+    for p in [scene_path(out, i), edit_path(out, i)] + [ref_path(out, i, k) for k in range(4)]:
+        p.unlink(missing_ok=True)
+
+
+def dropped_indices(out):
+    return {r["index"] for p in Path(out).glob("drops.rank*.jsonl") for r in read_jsonl(p)}
+
+
+def kept_indices(out, cfg):
+    """Indices of finished samples, from the merged file and every rank's file (ids end in it)."""
+    files = [Path(out) / "samples.jsonl"] + sorted(Path(out).glob("samples.rank*.jsonl"))
+    return {int(s["id"].rsplit("-", 1)[1]) - cfg.id_offset for p in files if p.exists() for s in read_jsonl(p)}
+
+
+def chunks(xs, n):
+    return [xs[j: j + n] for j in range(0, len(xs), max(1, n))]
+
+
+def open_rgb(path):
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def release():
+    """Frees what the last phase's models left on the GPU (they go out of scope when a phase returns)."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def timed(stats, phase, n, fn, *args):
+    """Runs fn(*args) when there is work (n ids) or n is None, adding its wall seconds (model loading
+    included), n, and its peak GPU memory to this rank's stats for `phase`."""
+    t0 = time.time()
+    out = fn(*args) if n or n is None else None
+    stats["seconds"][phase] = stats["seconds"].get(phase, 0.0) + time.time() - t0
+    stats["items"][phase] = stats["items"].get(phase, 0) + (n or 0)
+    if torch.cuda.is_available():
+        peak = torch.cuda.max_memory_allocated() / 2 ** 30
+        stats["peak_gb"][phase] = max(stats["peak_gb"].get(phase, 0.0), peak)
+        torch.cuda.reset_peak_memory_stats()
+    release()
+    return out
+
+
+def text_model(cfg, kind, device):
+    spec, name = (cfg.llm, cfg.llm_model) if kind == "llm" else (cfg.vlm, cfg.vlm_model)
+    return TextModel(spec, kind, name, cfg.llm_key, device, cfg.tiny_dir, retries=cfg.endpoint_retries,
+                     backoff=cfg.endpoint_backoff)
+
+
+def ask_until_ok(cfg, model, ids, request, judge, template, purpose, stats, image=None):
+    """Asks the model for every id, batched, and judges each reply: judge(i, reply) -> (value, reason),
+    value None when unusable. Unusable replies are asked again, sampled from (seed, i, purpose, try)
+    so a local model can answer differently. Returns {i: value or the last reason}; ids whose
+    endpoint stayed down are left out (deferred to the next run)."""
+    result, left = {}, list(ids)
+    for attempt in range(1 if model.spec == "template" else cfg.llm_retries):
+        if not left:
+            break
+        if model.spec == "template":
+            replies = [template(i) for i in left]
+        elif attempt == 0 or model.is_endpoint():
+            replies = model.batch([request(i) for i in left], [image(i) for i in left] if image else None,
+                                  batch_size=cfg.text_batch)
+        else:
+            replies = [model.batch([request(i)], [image(i)] if image else None,
+                                   seed=draw_seed(cfg.seed, i + cfg.id_offset, f"{purpose}{attempt}"))[0] for i in left]
+        again = []
+        for i, reply in zip(left, replies):
+            if isinstance(reply, EndpointDown):
+                stats["deferred"].add(i)
+                continue
+            value, reason = judge(i, reply)
+            result[i] = value if value is not None else reason
+            if value is None:
+                again.append(i)
+        left = again
+    return result
+
+
+def phase_prompts(cfg, out, ids, pool, stats, device):
+    """Stage A step 2 and stage B's choice of edit (paper: an LLM writes both)."""
+    llm = text_model(cfg, "llm", device)
+    plans = {i: plan(cfg, i, pool) for i in ids}
+    prompts = ask_until_ok(cfg, llm, ids, lambda i: PROMPT_REQUEST.format(cats=", ".join(plans[i][1])),
+                           lambda i, r: (parse_prompts(r, plans[i][1]), "llm_unparseable"),
+                           lambda i: template_prompts(plans[i][1], sample_rng(cfg, i, "prompts")), "llm", stats)
+    need_edit = [i for i in ids if isinstance(prompts.get(i), dict) and plans[i][0] in EDIT_TASKS]
+    edits = ask_until_ok(cfg, llm, need_edit, lambda i: edit_request(plans[i][0], prompts[i]["scene"], plans[i][1]),
+                         lambda i, r: (parse_edit(r, plans[i][0], plans[i][1]), "llm_edit_unparseable"),
+                         lambda i: template_edit(plans[i][0], plans[i][1], sample_rng(cfg, i, "edit_choice")),
+                         "llm_edit", stats)
+    for i in ids:
+        p, e = prompts.get(i), edits.get(i)
+        if i in stats["deferred"]:
+            continue
+        if isinstance(p, str) or isinstance(e, str):
+            drop(out, i, "prompts", p if isinstance(p, str) else e, stats)
+            continue
+        task, cats = plans[i]
+        record(out, "prompts", {"index": i, "task": task, "cats": cats, "scene": p["scene"],
+                                "subject_prompts": [s["prompt"] for s in p["subjects"]], "edit": e})
+
+
+def render(pipe, cfg, prompts, seeds, size, images=None, guidance=3.5):
+    """One batched diffusion call; each image's noise comes from its own generator (its own seed)."""
+    kw = dict(prompt=prompts, width=size[0], height=size[1], num_inference_steps=cfg.gen_steps, guidance_scale=guidance,
+              max_sequence_length=cfg.max_text_len, generator=[torch.Generator().manual_seed(s) for s in seeds])
+    if images is not None:  # Kontext: keep the size we give it instead of its preferred ones
+        kw.update(image=images, _auto_resize=False, max_area=size[0] * size[1])
+    return pipe(**kw).images
+
+
+def phase_scene(cfg, out, ids, rows, device):
+    """Stage A step 3: FLUX.1-dev renders each scene prompt -> the target (before any edit)."""
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(resolve_model(cfg.t2i, cfg.tiny_dir), dtype=model_dtype(device)).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    for chunk in chunks(ids, cfg.gen_batch):
+        seeds = [draw_seed(cfg.seed, i + cfg.id_offset, "scene") for i in chunk]
+        ims = render(pipe, cfg, [rows[i]["scene"] for i in chunk], seeds, (cfg.resolution, cfg.resolution),
+                     guidance=cfg.t2i_guidance)
+        for i, im in zip(chunk, ims):
+            save_png(scene_path(out, i), im)
+            record(out, "scene", {"index": i})
+
+
+def detect_and_filter(cfg, detector, paths, cats_of):
+    """(boxes or None, reason) per image, detection batched."""
+    out = []
+    for chunk in chunks(list(zip(paths, cats_of)), cfg.detect_batch):
+        ims = [open_rgb(p) for p, _ in chunk]
+        for im, (_, cats), det in zip(ims, chunk, detector(ims, [c for _, c in chunk])):
+            out.append(filter_boxes(det, cats, im.size, cfg.exact_once, cfg.min_box_frac, cfg.nms_iou))
+    return out
+
+
+def load_detector(cfg, device):
     import rewards
 
-    dtype = model_dtype(device)
-    t2i_path = resolve_model(cfg.t2i, cfg.tiny_dir)
-    return Models(
-        llm=TextModel(cfg.llm, "llm", cfg.llm_model, cfg.llm_key, device, cfg.tiny_dir),
-        vlm=TextModel(cfg.vlm, "vlm", cfg.vlm_model, cfg.llm_key, device, cfg.tiny_dir),
-        t2i=FluxPipeline.from_pretrained(t2i_path, dtype=dtype).to(device),
-        kontext=FluxKontextPipeline.from_pretrained(resolve_model(cfg.model, cfg.tiny_dir), dtype=dtype).to(device),
-        detector=rewards.Detector(cfg.detector, device, cfg.box_threshold, cfg.text_threshold, cfg.tiny_dir),
-        embed=rewards.DinoEmbedder(cfg.dino, device, cfg.tiny_dir))
+    return rewards.Detector(cfg.detector, device, cfg.box_threshold, cfg.text_threshold, cfg.tiny_dir)
 
 
-def render(pipe, cfg, prompt, seed, image=None, guidance=3.5):
-    g = torch.Generator().manual_seed(seed)
-    kw = dict(prompt=prompt, height=cfg.resolution, width=cfg.resolution, num_inference_steps=cfg.gen_steps,
-              guidance_scale=guidance, max_sequence_length=cfg.max_text_len, generator=g)
-    if image is not None:  # Kontext: keep our resolution instead of its preferred ones
-        kw.update(image=image, _auto_resize=False, max_area=cfg.resolution * cfg.resolution)
-    return pipe(**kw).images[0]
+def phase_detect(cfg, out, ids, rows, stats, device):
+    """Stage A step 4 and our filters: each category found once (after NMS), its box not tiny."""
+    detector = load_detector(cfg, device)
+    for i, (boxes, why) in zip(ids, detect_and_filter(cfg, detector, [scene_path(out, i) for i in ids],
+                                                      [rows[i]["cats"] for i in ids])):
+        if boxes is None:
+            drop(out, i, "detect", why, stats)
+        else:
+            record(out, "detect", {"index": i, "boxes": boxes})
 
 
-def model_sample(index, cfg, models, cats_pool, timing):
-    """One sample through every step; returns (sample tuple, "ok") or (None, drop reason)."""
+def crop_of(scene, box):
     from rewards import crop
 
-    rng = random.Random(f"{cfg.seed}-{index + cfg.id_offset}")
-    task = rng.choices(TASKS, weights=cfg.task_mix)[0]
-    n = {"three": 3, "four": 4}.get(task, 2)
-    cats = rng.sample(cats_pool, n)
-    seed = cfg.seed * 1_000_003 + index + cfg.id_offset
+    return crop(scene, box)
 
-    def step(name, fn, *a):
-        t0 = time.time()
-        out = fn(*a)
-        timing[name] = timing.get(name, 0.0) + time.time() - t0
-        return out
 
-    prompts = step("prompts", write_prompts, models.llm, cats, rng, cfg.llm_retries)
-    if prompts is None:
-        return None, "llm_unparseable"
-    scene = step("scene", render, models.t2i, cfg, prompts["scene"], seed, None, cfg.t2i_guidance)
-    det = step("detect", models.detector, [scene], [cats])[0]
-    boxes, why = filter_boxes(det, cats, scene.size, cfg.exact_once, cfg.min_box_frac)
-    if boxes is None:
-        return None, why
-    crops = [crop(scene, b) for b in boxes]
-    refs = [step("reference", render, models.kontext, cfg, s["prompt"], seed + 1 + k, c.resize(scene.size),
-                 cfg.edit_guidance) for k, (s, c) in enumerate(zip(prompts["subjects"], crops))]
-    sims = step("dino_filter", lambda: (models.embed(refs) * models.embed(crops)).sum(-1).tolist())
-    if min(sims) < cfg.min_dino:
-        return None, "ref_dissimilar"
-    edit, target = None, scene
-    if task in ("attribute", "action", "complex"):
-        k = rng.randrange(n)
-        edit = (cats[k], rng.choice(EDITS["action" if task == "action" else "attribute"]))
-        target = step("edit", render, models.kontext, cfg, f"Make the {edit[0]} {edit[1]}.", seed + 7, scene,
-                      cfg.edit_guidance)
-    focus = {"position": "Say where each subject is relative to the others.",
-             "background": "Describe the setting."}.get(task, "Mention what each subject is doing or wearing.")
-    if models.vlm.spec == "template":
-        raw = template_instruction(task, cats, edit)
-    else:
-        raw = step("instruction", models.vlm, INSTRUCTION_REQUEST.format(cats=", ".join(cats), focus=focus), target)
-    instruction, why = check_instruction(raw, cats, appearance_words(prompts["scene"], cats))
-    if instruction is None:
-        return None, why
-    sid = f"{task}-{index + cfg.id_offset:07d}"
-    meta = {"source": "models", "scene_prompt": prompts["scene"], "subject_prompts": [s["prompt"] for s in prompts["subjects"]],
-            "boxes": [[round(v, 1) for v in b] for b in boxes], "dino": [round(x, 4) for x in sims], "edit": edit,
-            "instruction_check": why}
-    subjects = [{"category": c} for c in cats]
-    return (sid, task, instruction, subjects, target, refs, meta), "ok"
+def crop_dims(box, size):
+    """The size crop_of gives for `box` in an image of `size`, without the image (rewards.crop's rounding)."""
+    x1, y1 = max(0, math.floor(box[0])), max(0, math.floor(box[1]))
+    x2, y2 = min(size[0], math.ceil(box[2])), min(size[1], math.ceil(box[3]))
+    return (x2 - x1, y2 - y1) if x2 - x1 >= 2 and y2 - y1 >= 2 else tuple(size)
+
+
+def phase_reference(cfg, out, ids, rows, boxes, kontext, stats, device):
+    """Stage A step 5: Kontext re-renders each crop in its own new context, at the crop's aspect
+    ratio. Crops of one input size share a batch. Then our DINO filter: a reference must still
+    look like its crop."""
+    import rewards
+
+    jobs = {}  # input size -> [(i, k)]
+    for i in ids:
+        for k, b in enumerate(boxes[i]):
+            if not ref_path(out, i, k).exists():  # a killed run keeps the references it finished
+                size = ref_input_size(*crop_dims(b, (cfg.resolution, cfg.resolution)), cfg.resolution)
+                jobs.setdefault(size, []).append((i, k))
+    for size, group in jobs.items():
+        for chunk in chunks(group, cfg.gen_batch):
+            crops = [reference_input(crop_of(open_rgb(scene_path(out, i)), boxes[i][k]), cfg.resolution)
+                     for i, k in chunk]
+            seeds = [draw_seed(cfg.seed, i + cfg.id_offset, f"ref{k}") for i, k in chunk]
+            ims = render(kontext, cfg, [rows[i]["subject_prompts"][k] for i, k in chunk], seeds, size, crops,
+                         cfg.edit_guidance)
+            for (i, k), im in zip(chunk, ims):
+                save_png(ref_path(out, i, k), im)
+    embed = rewards.DinoEmbedder(cfg.dino, device, cfg.tiny_dir)
+    for i in ids:
+        scene = open_rgb(scene_path(out, i))
+        refs = [open_rgb(ref_path(out, i, k)) for k in range(len(boxes[i]))]
+        sims = (embed(refs) * embed([crop_of(scene, b) for b in boxes[i]])).sum(-1).tolist()
+        if min(sims) < cfg.min_dino:
+            drop(out, i, "reference", "ref_dissimilar", stats)
+        else:
+            record(out, "reference", {"index": i, "dino": [round(x, 4) for x in sims]})
+
+
+def phase_edit(cfg, out, ids, rows, kontext, stats, device):
+    """Stage B step 7: Kontext applies the chosen edit to the scene (and for `complex` the new
+    background); the edited image is detected again, so a subject the edit removed or doubled drops
+    and the boxes describe the edited target."""
+    edited = [i for i in ids if rows[i]["edit"]]
+    for i in ids:
+        if not rows[i]["edit"]:
+            record(out, "edit", {"index": i, "edited": False})
+    todo = [i for i in edited if not edit_path(out, i).exists()]
+    for chunk in chunks(todo, cfg.gen_batch):
+        seeds = [draw_seed(cfg.seed, i + cfg.id_offset, "edit") for i in chunk]
+        ims = render(kontext, cfg, [editor_instruction(rows[i]["edit"]) for i in chunk], seeds,
+                     (cfg.resolution, cfg.resolution), [open_rgb(scene_path(out, i)) for i in chunk], cfg.edit_guidance)
+        for i, im in zip(chunk, ims):
+            save_png(edit_path(out, i), im)
+    if edited:
+        redetect_edits(cfg, out, edited, rows, load_detector(cfg, device), stats)
+
+
+def redetect_edits(cfg, out, ids, rows, detector, stats):
+    """Boxes from the edited image; a drop names what the edit broke ("edit_lost_subject", ...)."""
+    results = detect_and_filter(cfg, detector, [edit_path(out, i) for i in ids], [rows[i]["cats"] for i in ids])
+    for i, (boxes, why) in zip(ids, results):
+        if boxes is None:
+            drop(out, i, "edit", {"not_found": "edit_lost_subject"}.get(why, f"edit_{why}"), stats)
+        else:
+            record(out, "edit", {"index": i, "edited": True, "boxes": boxes})
+
+
+def phase_instruction(cfg, out, ids, state, stats, device):
+    """Stage B step 8: the VLM sees the final target (and is told the edit, which it must state) and
+    writes the instruction; the leak check rewrites or drops it. Kept samples are written out."""
+    vlm = text_model(cfg, "vlm", device)
+
+    def target(i):
+        return open_rgb(edit_path(out, i) if state[i]["edited"] else scene_path(out, i))
+
+    def request(i):
+        s = state[i]
+        return INSTRUCTION_REQUEST.format(cats=", ".join(s["cats"]), focus=focus_for(s["task"], s["edit"]))
+
+    def judge(i, reply):
+        s = state[i]
+        looks = appearance_words([s["scene"]] + s["subject_prompts"], s["cats"])
+        return check_instruction(reply, s["cats"], looks, editor_instruction(s["edit"]) if s["edit"] else "")
+
+    def template(i):
+        s = state[i]
+        return template_instruction(s["task"], s["cats"], s["edit"], s["boxes"], s["scene"])
+
+    verdicts = {}
+
+    def judged(i, reply):
+        value, why = judge(i, reply)
+        verdicts[i] = why
+        return value, why
+
+    result = ask_until_ok(cfg, vlm, ids, request, judged, template, "vlm", stats, image=target)
+    shard_file = Path(out) / f"samples.rank{rank():03d}.jsonl"
+    for i in ids:
+        if i not in result:
+            continue  # endpoint down: deferred
+        s = state[i]
+        if verdicts[i] not in ("ok", "rewritten"):
+            drop(out, i, "instruction", result[i], stats)
+            continue
+        meta = {"source": "models", "scene_prompt": s["scene"], "subject_prompts": s["subject_prompts"],
+                "boxes": [[round(v, 1) for v in b] for b in s["boxes"]], "dino": s["dino"], "edit": s["edit"],
+                "instruction_check": verdicts[i]}
+        refs = [open_rgb(ref_path(out, i, k)) for k in range(len(s["cats"]))]
+        write_sample(out, sample_id(cfg, s["task"], i), s["task"], result[i], [{"category": c} for c in s["cats"]],
+                     target(i), refs, meta, shard_file)
+        clean_work(out, i)
+        stats["made"] += 1
+        maybe_die("make_data", stats["made"])
+
+
+def load_kontext_pipe(cfg, device):
+    from diffusers import FluxKontextPipeline
+
+    pipe = FluxKontextPipeline.from_pretrained(resolve_model(cfg.model, cfg.tiny_dir), dtype=model_dtype(device))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def run_round(cfg, out, mine, pool, stats, device):
+    """Every phase over this rank's ids of the round; each phase takes the ids the previous one passed.
+    Kontext stays loaded for references and edits; every other model lives for its phase only."""
+    dropped = dropped_indices(out)
+    live = [i for i in mine if i not in dropped]
+
+    def pending(phase, before):
+        done, prev = phase_rows(out, phase), phase_rows(out, before) if before else None
+        return [i for i in live if i not in done and (prev is None or i in prev) and i not in stats["deferred"]]
+
+    ids = pending("prompts", None)
+    timed(stats, "prompts", len(ids), phase_prompts, cfg, out, ids, pool, stats, device)
+    rows = phase_rows(out, "prompts")
+    ids = pending("scene", "prompts")
+    timed(stats, "scene", len(ids), phase_scene, cfg, out, ids, rows, device)
+    ids = pending("detect", "scene")
+    timed(stats, "detect", len(ids), phase_detect, cfg, out, ids, rows, stats, device)
+    ref_ids, boxes = pending("reference", "detect"), {i: r["boxes"] for i, r in phase_rows(out, "detect").items()}
+    kontext = None
+    if ref_ids or any(rows[i]["edit"] for i in pending("edit", "reference")):
+        # loading Kontext counts to the references, the first phase that uses it
+        kontext = timed(stats, "reference", None, load_kontext_pipe, cfg, device)
+    timed(stats, "reference", len(ref_ids), phase_reference, cfg, out, ref_ids, rows, boxes, kontext, stats, device)
+    ids = pending("edit", "reference")
+    timed(stats, "edit", len(ids), phase_edit, cfg, out, ids, rows, kontext, stats, device)
+    del kontext
+    release()
+    kept = kept_indices(out, cfg)
+    ids = [i for i in pending("instruction", "edit") if i not in kept]
+    det, ref, edit = phase_rows(out, "detect"), phase_rows(out, "reference"), phase_rows(out, "edit")
+    state = {i: {**rows[i], "boxes": edit[i].get("boxes", det[i]["boxes"]), "dino": ref[i]["dino"],
+                 "edited": edit[i]["edited"]} for i in ids}
+    timed(stats, "instruction", len(ids), phase_instruction, cfg, out, ids, state, stats, device)
+
+
+def next_block(n, kept, dropped, deferred, size, limit):
+    """The lowest ids neither kept, dropped nor deferred, as many as samples are missing (at most
+    `size`); ids at or past `limit` are never drawn (a pipeline that drops everything stops)."""
+    need = min(n - len(kept) - len(deferred), size)
+    done, block, i = kept | dropped | deferred, [], 0
+    while len(block) < need and i < limit:
+        if i not in done:
+            block.append(i)
+        i += 1
+    return block
+
+
+def file_barrier(out, tag, timeout=7 * 24 * 3600):
+    """Waits until every rank has reached `tag`, through marker files on the shared output folder:
+    ranks finish a round at different times (drops differ), and a collective's timeout (NCCL's
+    default is 10 minutes) must not decide how long one may wait for another."""
+    path = work(out, "sync")
+    path.mkdir(parents=True, exist_ok=True)
+    (path / f"{tag}.rank{rank():03d}").touch()
+    t0 = time.time()
+    while len(list(path.glob(f"{tag}.rank*"))) < world():
+        if time.time() - t0 > timeout:
+            raise SystemExit(f"[make_data] rank {rank()} waited {timeout}s for the others at {tag}")
+        time.sleep(0.2)
+
+
+def run_token():
+    """One token per run, the same on every rank (names this run's markers and per-rank files)."""
+    token = [f"{time.time_ns()}-{os.getpid()}"]
+    if torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(token, src=0)
+    return token[0]
 
 
 def make_models(cfg, out, device):
-    """Runs the model pipeline over this rank's ids; finished and dropped ids are both skipped on rerun."""
-    models = load_models(cfg, device)
+    """The model pipeline, round by round, until n_samples are kept (or max_draws ids were tried).
+    Returns this run's stats summed over ranks: seconds and items per phase, drops, made, deferred."""
     pool = load_categories(cfg.categories)
-    shard_file = Path(out) / f"samples.rank{rank():03d}.jsonl"
-    drop_file = Path(out) / f"drops.rank{rank():03d}.jsonl"
-    # ids end in their index ("attribute-0000042"): a set of indices keeps the skip check O(1) per id
-    done = {int(d.rsplit("-", 1)[1]) - cfg.id_offset for d in ids_in(Path(out) / "samples.jsonl") | ids_in(shard_file)}
-    dropped = {r["index"] for p in Path(out).glob("drops.rank*.jsonl") for r in read_jsonl(p)}
-    timing, made, drops = {}, 0, {}
-    for i in tqdm(range(rank(), cfg.n_samples, world()), desc=f"models (rank {rank()})", disable=rank() != 0):
-        if i in dropped or i in done:
-            continue
-        try:
-            sample, why = model_sample(i, cfg, models, pool, timing)
-        except (OSError, ValueError) as e:  # a corrupt image or file: counted, the run goes on
-            sample, why = None, f"error: {type(e).__name__}"
-        if sample is None:
-            drops[why] = drops.get(why, 0) + 1
-            append_jsonl(drop_file, {"index": i, "reason": why})
-            continue
-        write_sample(out, *sample, shard_file)
-        made += 1
-        maybe_die("make_data", made)
-    return made, drops, timing
+    token = run_token()
+    stats = {"seconds": {}, "items": {}, "peak_gb": {}, "drops": {}, "made": 0, "deferred": set()}
+    limit = int(math.ceil(cfg.n_samples * cfg.max_draws))
+    for r in range(10 ** 9):
+        deferred = set()
+        for p in work(out, "deferred").glob(f"{token}.rank*.json"):
+            deferred |= set(json.loads(p.read_text()))
+        block = next_block(cfg.n_samples, kept_indices(out, cfg), dropped_indices(out), deferred,
+                           cfg.round_size * world(), limit)
+        if not block:
+            break
+        run_round(cfg, out, block[rank()::world()], pool, stats, device)
+        write_json(work(out, "deferred", f"{token}.rank{rank():03d}.json"), sorted(stats["deferred"]))
+        file_barrier(out, f"{token}-round{r}")
+    write_json(work(out, "stats", f"{token}.rank{rank():03d}.json"), {**stats, "deferred": sorted(stats["deferred"])})
+    file_barrier(out, f"{token}-end")
+    total = {"seconds": {}, "items": {}, "peak_gb": {}, "drops": {}, "made": 0, "deferred": []}
+    for p in sorted(work(out, "stats").glob(f"{token}.rank*.json")):
+        s = json.loads(p.read_text())
+        for key in ("seconds", "items", "drops"):
+            for k, v in s[key].items():
+                total[key][k] = total[key].get(k, 0) + v
+        for k, v in s["peak_gb"].items():
+            total["peak_gb"][k] = max(total["peak_gb"].get(k, 0.0), v)
+        total["made"] += s["made"]
+        total["deferred"] += s["deferred"]
+    return total
 
 
 def drop_summary(out):
@@ -617,29 +1242,40 @@ def preview(out, n):
     return Path(out) / "preview.png"
 
 
+def models_manifest(stats, samples, out):
+    """What the run cost, honestly: each phase's seconds summed over ranks, per id that went through
+    the phase and per sample kept this run; the drop table over all runs; ids left for a rerun."""
+    drops = drop_summary(out)
+    sec = {k: round(v, 3) for k, v in stats["seconds"].items()}
+    per_item = {k: round(v / max(stats["items"].get(k, 0), 1), 4) for k, v in stats["seconds"].items()}
+    per_kept = {k: round(v / max(stats["made"], 1), 4) for k, v in stats["seconds"].items()}
+    print(f"[make_data] dropped by reason (all runs): {drops}")
+    print(f"[make_data] seconds per id by phase: {per_item}; per kept sample: {per_kept}; "
+          f"{len(stats['deferred'])} ids left for a rerun (endpoint down)")
+    return {"samples": len(samples), "dropped": drops, "made_this_run": stats["made"],
+            "deferred": sorted(stats["deferred"]), "seconds_this_run": sec, "items_this_run": stats["items"],
+            "seconds_per_item": per_item, "seconds_per_kept_sample": per_kept,
+            "peak_gpu_gb": {k: round(v, 2) for k, v in stats["peak_gb"].items()}}
+
+
 def main(cfg):
     device = setup_dist(cfg.device)
     out = Path(cfg.out or ROOT / "data" / (cfg.preset or "run"))
     print_config(cfg, "make_data", out)
     ensure_writable(out, "make_data")
     t0 = time.time()
-    timing = {}
     if cfg.source == "procedural":
         made, secs = make_procedural(cfg, out)
     elif cfg.source == "models":
-        made, _, timing = make_models(cfg, out, device)
-        secs = time.time() - t0
+        stats = make_models(cfg, out, device)
+        made, secs = stats["made"], time.time() - t0
     else:
         raise SystemExit(f"--source must be procedural or models, got {cfg.source!r}")
     barrier()
     if rank() == 0:
         samples = merge_rank_files(out)
         if cfg.source == "models":
-            drops = drop_summary(out)
-            write_json(Path(out) / "manifest.json", {"samples": len(samples), "dropped": drops,
-                                                     "seconds_this_run": {k: round(v, 3) for k, v in timing.items()}})
-            per = {k: round(v / max(made + sum(drops.values()), 1), 3) for k, v in timing.items()}
-            print(f"[make_data] dropped by reason: {drops}; seconds per attempted sample by step: {per}")
+            write_json(Path(out) / "manifest.json", models_manifest(stats, samples, out))
         if not samples:
             raise SystemExit(f"[make_data] no sample survived in {out}: see the drop reasons above")
         if cfg.cache:
