@@ -1,36 +1,63 @@
 """
-rl.py - Flow-GRPO on the PSR reward mix (PSR stage 4).
+rl.py - PSR stage 4: Flow-GRPO on the PSR reward mix.
 
-For each prompt (references + instruction), G samples are drawn from different noise with a
-stochastic (SDE) version of the flow sampler, keeping every step's latent and log-probability.
-Each image is scored (R = 0.4 PSR + 0.4 judge/10 + 0.2 HPSv3/10, rewards.py); advantages are the
-rewards normalized within the prompt's group; the policy, a fresh LoRA on top of the SFT model
-(its LoRA fused into the base), is updated with a PPO-style clipped ratio on every denoising step
-but the last, in `optimizer_steps` large steps per iteration as Flow-GRPO takes them (DESIGN section 7).
+What the stage does, once per iteration:
+  1. draws `prompts_per_iter` prompts (references + instruction) without replacement, and for each
+     one G = group_size samples from different noise with a stochastic (SDE) version of the flow
+     sampler, keeping every step's latent and log-probability. The samples are drawn in batches of
+     `rollout_batch` (a whole group by default, or a piece of one) spread over the ranks, so a
+     rank holds whole or partial groups and any world size draws the same samples;
+  2. scores every image (R = 0.4 PSR + 0.4 judge/10 + 0.2 HPSv3/10 by default, rewards.py) and
+     gathers the rewards on every rank;
+  3. turns rewards into advantages, normalised within each prompt's group;
+  4. shuffles the rollout batches across prompts and takes `optimizer_steps` optimizer steps on
+     them, each one a PPO-style clipped ratio over every denoising step but the last, the gradient
+     accumulated over the step's samples on every rank and divided by their global count (so N
+     ranks take the very steps one process takes). Each batch is recomputed as it was sampled,
+     so on fresh rollouts the ratio is exactly 1.
+The policy is a fresh LoRA on top of the SFT model (whose LoRA is fused into the base first).
 
 Run:
-    python rl.py --preset tiny                           # reads data/tiny, runs/tiny-sft; CPU, minutes
+    python rl.py --preset tiny                              # CPU, tiny random models, minutes
     python rl.py --preset kontext --model /models/FLUX.1-Kontext-dev --judge_url http://host:8000/v1
-    torchrun --nproc_per_node 8 rl.py --preset kontext ...
-The reward models come from the preset's "rewards" section (see rewards.py).
+    torchrun --nproc_per_node 8 rl.py --preset kontext --model /models/FLUX.1-Kontext-dev ...
+Every reward knob is on the command line too (`--weights 0.5,0.3,0.2`, `--judge_url`,
+`--judge_templates`, ...; see rewards.RewardConfig). The SFT LoRA's settings (model, pe,
+guidance, resolution, saved beside it by sft.py) are adopted; contradicting one is refused.
+Writes runs/<preset>-rl/: log.jsonl (one row per iteration; row 0 is the held-out reward before
+any update), curves.png (RL reward and held-out reward, redrawn at each checkpoint), samples/,
+checkpoint.pt (resumable at any iteration) and lora/ (with the settings it is valid with).
+
+The paper's choices: group size 6, learning rate 1e-5, LoRA rank 64, 28 sampling steps, the reward
+mix above. Ours, from Flow-GRPO's code where the paper is silent: noise level 0.7, clip range 1e-4,
+advantages clipped to +-5, no KL (beta = 0), 8 prompts and 2 optimizer steps per iteration, AdamW
+with weight decay 1e-4, gradient clipping 1.0, bf16 autocast on GPUs for sampling and training alike.
+
+Departures from textbook GRPO (DeepSeekMath), all as Flow-GRPO takes them:
+  - the "action" is one denoising step: the policy is the Gaussian of the SDE step, and its
+    log-probability is averaged (not summed) over the latent's elements, hence the tiny clip range;
+  - one pass over fresh samples per iteration (no PPO epochs), so the ratio leaves 1 only between
+    the optimizer steps of one iteration;
+  - the group std is the population std plus 1e-4 (a group of equal rewards gives advantages 0,
+    and those samples are not trained);
+  - the KL term, when on, is the closed form between the two steps' Gaussians with the step's std
+    taken without its sqrt(-dt) factor, not a sampled estimator.
 """
 
 import concurrent.futures as cf
 import math
-import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import ImageStat
+from PIL import Image, ImageDraw, ImageStat
 from tqdm.auto import tqdm
 
 import common
 import sft
-from common import (ROOT, append_jsonl, autocast, barrier, decode_latents, image_grid, open_image, rank, save_png,
-                    tensor_to_pil, world)
+from common import ROOT, append_jsonl, barrier, decode_latents, image_grid, open_image, rank, save_png, tensor_to_pil, world
 from rewards import RewardConfig
 from sft import pack, velocity
 
@@ -50,7 +77,8 @@ class Config(RewardConfig):
     guidance: float = 2.5
     steps: int = 28               # denoising steps per rollout
     group_size: int = 6
-    prompts_per_iter: int = 8
+    prompts_per_iter: int = 8     # drawn without replacement
+    rollout_batch: int = 0        # samples per sampling (and training) batch, a piece of one group; 0: G
     iterations: int = 1000
     noise_level: float = 0.7
     lr: float = 1e-5
@@ -58,9 +86,9 @@ class Config(RewardConfig):
     lora_rank: int = 64
     lora_alpha: float = 128.0
     clip_range: float = 1e-4
-    optimizer_steps: int = 2      # optimizer steps per iteration (Flow-GRPO's cadence: two per epoch)
+    optimizer_steps: int = 2      # per iteration; Flow-GRPO's configs take two (accumulation = batches / 2)
     adv_clip: float = 5.0
-    beta: float = 0.0             # KL to the model without the RL adapter
+    beta: float = 0.0             # KL to the model without the RL adapter; off, as in Flow-GRPO's Kontext run
     grad_clip: float = 1.0
     reward: str = "mix"           # mix (rewards.py, with the reward knobs) | brightness (mean pixel value) | module:function
     n_eval: int = 4               # held-out prompts (the dataset's last ones) for the eval curve
@@ -72,29 +100,45 @@ class Config(RewardConfig):
 
 
 # ----------------------------------------------------------------------------------------------
+# One numeric context. The rollout's log-probs and the update's must come from the same
+# computation, or the clip (1e-4) acts on rounding instead of on policy change: with the rollout in
+# fp32 matmuls and the update under bf16 autocast, the first |ratio - 1| reached 2e-4. So sampling,
+# training and evaluation all run the transformer under this context, and the SDE step in fp32.
+
+def numerics(m):
+    """bf16 autocast when the base weights are bf16 (GPUs; also a bf16 model on the CPU, which is
+    how the tests emulate a GPU), plain fp32 otherwise. The fp32 LoRA runs in bf16 under it."""
+    return torch.autocast(m.device.type, dtype=torch.bfloat16, enabled=m.dtype == torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------------
 # The SDE step of Flow-GRPO and its Gaussian log-probability.
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
 def sde_step(x, v, sigma, sigma_next, noise_level=0.7, prev_sample=None, generator=None, second_sigma=None):
-    """One step from sigma to sigma_next (< sigma). Returns (x_next, log_prob, mean, std).
+    """One step from sigma to sigma_next (< sigma), x and v [B, L, 64]. Returns (x_next, log_prob [B], mean, std).
 
-    std = a sqrt(sigma / (1 - sigma)) (at sigma == 1 the denominator uses the schedule's second
-    sigma, as Flow-GRPO does); mean = x (1 + std^2/(2 sigma) dt) + v (1 + std^2 (1 - sigma)/(2 sigma)) dt;
+    std = a sqrt(sigma / (1 - sigma)), where at sigma == 1 the denominator uses the schedule's second
+    sigma (as Flow-GRPO does; without it this raises rather than take a deterministic step);
+    mean = x (1 + std^2/(2 sigma) dt) + v (1 + std^2 (1 - sigma)/(2 sigma)) dt;
     x_next ~ N(mean, (std sqrt(-dt))^2). log_prob is averaged over every non-batch dim. `std` is
     returned before the sqrt(-dt) factor. Given prev_sample, that sample is scored, not drawn.
     `generator` may be one torch.Generator or a list of them, one per batch row.
     """
-    x, v = x.float(), v.float()
+    x, v = x.float(), v.float()  # bf16 would lose the small std^2 dt terms
     sigma, sigma_next = float(sigma), float(sigma_next)
     dt = sigma_next - sigma
-    denom = 1 - (second_sigma if sigma >= 1.0 and second_sigma is not None else sigma)
-    std = noise_level * math.sqrt(sigma / denom) if denom > 0 else 0.0
+    if sigma >= 1.0 and second_sigma is None:
+        raise ValueError("sde_step at sigma = 1 needs the schedule's second sigma (second_sigma=sigmas[1]): "
+                         "sqrt(sigma / (1 - sigma)) is infinite there")
+    denom = 1 - (second_sigma if sigma >= 1.0 else sigma)
+    std = noise_level * math.sqrt(sigma / denom)
     mean = x * (1 + std ** 2 / (2 * sigma) * dt) + v * (1 + std ** 2 * (1 - sigma) / (2 * sigma)) * dt
     scale = std * math.sqrt(-dt)
     if prev_sample is None:
-        if isinstance(generator, (list, tuple)):
+        if isinstance(generator, (list, tuple)):  # one generator per row: any batch split draws the same noise
             eps = torch.stack([torch.randn(x.shape[1:], generator=g) for g in generator]).to(x.device)
         else:
             eps = torch.randn(x.shape, generator=generator).to(x.device)
@@ -102,66 +146,187 @@ def sde_step(x, v, sigma, sigma_next, noise_level=0.7, prev_sample=None, generat
     prev_sample = prev_sample.float()
     if scale == 0:  # noise level 0: the deterministic ODE step, no density
         return prev_sample, torch.zeros(x.shape[0], device=x.device), mean, std
-    log_prob = gaussian_logprob(prev_sample, mean, scale)
-    return prev_sample, log_prob, mean, std
+    return prev_sample, gaussian_logprob(prev_sample, mean, scale), mean, std
 
 
 def gaussian_logprob(x, mean, scale):
-    """Mean over non-batch dims of log N(x; mean, scale^2); one Triton pass on CUDA when no gradient
-    is needed (rollouts). The update differentiates through `mean`, so it takes the torch path."""
-    needs_grad = torch.is_grad_enabled() and (mean.requires_grad or x.requires_grad)
-    if x.is_cuda and not needs_grad and os.environ.get("PSR_NO_TRITON") != "1":
-        from kernels.reward_ops import gaussian_logprob_mean
-
-        return gaussian_logprob_mean(x, mean, torch.full((x.shape[0],), scale, device=x.device))
+    """Mean over non-batch dims of log N(x; mean, scale^2). Always this torch expression, in the
+    rollout and in the update alike (a fused kernel in one of them would break ratio == 1)."""
     lp = -((x - mean) ** 2) / (2 * scale ** 2) - math.log(scale) - LOG_SQRT_2PI
     return lp.mean(dim=tuple(range(1, x.dim())))
 
 
-def group_advantages(rewards, group_ids, eps=1e-4, clip=5.0):
-    """Per group: (r - mean) / (std + eps), population std, clipped to +-clip.
+# ----------------------------------------------------------------------------------------------
+# Advantages: each reward against its own prompt's group.
 
-    Group ids must run 0..K-1; a group with no member is an error."""
-    rewards, group_ids = torch.as_tensor(rewards, dtype=torch.float32), torch.as_tensor(group_ids).long()
-    if rewards.numel() == 0:
+def group_advantages(rewards, group_ids, eps=1e-4, clip=5.0):
+    """Per group: (r - mean) / (std + eps), population std, clipped to +-clip. Sums in fp64, so a
+    group of equal rewards gives exactly 0. Group ids must run 0..K-1; an empty group is an error.
+    (kernels/reward_ops.py has a fused version, tested against this one.)"""
+    r, g = torch.as_tensor(rewards).double().cpu(), torch.as_tensor(group_ids).long().cpu()
+    if r.numel() == 0:
         raise ValueError("group_advantages: no rewards given")
-    counts = torch.bincount(group_ids, minlength=int(group_ids.max()) + 1)
+    counts = torch.bincount(g, minlength=int(g.max()) + 1)
     if (counts == 0).any():
         raise ValueError(f"group_advantages: group(s) {torch.nonzero(counts == 0).flatten().tolist()} have no "
                          f"samples; every prompt needs at least one scored sample")
-    if rewards.is_cuda and os.environ.get("PSR_NO_TRITON") != "1":
-        from kernels.reward_ops import group_advantages as fused
+    k = len(counts)
+    mean = torch.zeros(k, dtype=torch.float64).index_add_(0, g, r) / counts
+    var = torch.zeros(k, dtype=torch.float64).index_add_(0, g, (r - mean[g]) ** 2) / counts
+    return ((r - mean[g]) / (var.sqrt()[g] + eps)).clamp(-clip, clip).float()
 
-        return fused(rewards, group_ids, eps, clip)
-    from kernels.reward_ops import group_advantages_reference
 
-    return group_advantages_reference(rewards, group_ids, eps, clip)
+def advantages_for(rewards, prompts, group_size, cfg):
+    """rewards [P*G] (sample p*G + k is member k of prompt p). NaN rewards are excluded (and
+    reported), as are groups with none left. Returns (advantages [P*G], finite [P*G], dropped ids)."""
+    gid = torch.arange(len(rewards)) // group_size
+    finite = ~torch.isnan(rewards)
+    adv = torch.zeros(len(rewards))
+    ok_groups = [g for g in range(len(prompts)) if finite[gid == g].any()]
+    if ok_groups:
+        idx = torch.nonzero(finite & torch.isin(gid, torch.tensor(ok_groups))).flatten()
+        remap = {g: k for k, g in enumerate(ok_groups)}
+        adv[idx] = group_advantages(rewards[idx], torch.tensor([remap[int(g)] for g in gid[idx]]), clip=cfg.adv_clip)
+    dropped = [prompts[g]["id"] for g in range(len(prompts)) if g not in ok_groups]
+    return adv, finite, dropped
 
 
 # ----------------------------------------------------------------------------------------------
-# Rollouts: per-sample seeds, so any split of a group over ranks makes the same samples.
+# The clipped loss of one denoising step, and the KL term.
+
+@dataclass
+class Rollout:
+    """One rank's samples of one prompt: what the SDE sampler drew and what the update needs."""
+    ids: list                  # global sample ids p * G + k of this iteration, one per batch row
+    inputs: tuple              # (t5 [1,T,D], pooled [1,768], ref tokens [1,Lr,64], ref token sizes)
+    latents: torch.Tensor      # [steps+1, B, L, 64]: the noise, then x after each step
+    log_probs: torch.Tensor    # [steps, B]: log-prob of latents[j+1] given latents[j]
+    sigmas: torch.Tensor       # [steps+1], the last one 0
+    images: list = field(default_factory=list)
+    advantages: torch.Tensor = None  # [B], set once every rank's rewards are in
+    train_mask: torch.Tensor = None  # [B] bool: finite reward and a non-zero advantage
+
+
+def step_loss(m, transformer, ro, j, cfg):
+    """Per-sample loss of denoising step j of a rollout batch, recomputed whole (the batch the
+    sampler drew: the same computation, so a fresh rollout's ratio is exactly 1).
+    Returns (loss [B], ratio [B], kl [B]); loss = max(-A ratio, -A clip(ratio)) + beta kl."""
+    t5, pooled, refs, hws = ro.inputs
+    b = len(ro.ids)
+    lh = lw = cfg.resolution // m.vae_factor
+    x, x_next = ro.latents[j], ro.latents[j + 1]  # [B, L, 64]
+    s, s_next = float(ro.sigmas[j]), float(ro.sigmas[j + 1])
+    second = float(ro.sigmas[1])
+    adv = ro.advantages.to(x.device)
+
+    def forward():  # exactly the sampler's call (sft.sample_latents), in the same numeric context
+        with numerics(m):
+            return velocity(m, x.to(m.dtype), refs.expand(b, -1, -1), torch.full((b,), s, device=x.device),
+                            t5.expand(b, -1, -1), pooled.expand(b, -1), (lh // 2, lw // 2), hws, cfg.pe,
+                            cfg.guidance, transformer).float()
+
+    _, lp, mean, std = sde_step(x, forward(), s, s_next, cfg.noise_level, prev_sample=x_next, second_sigma=second)
+    ratio = torch.exp(lp - ro.log_probs[j].to(lp.device))
+    loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - cfg.clip_range, 1 + cfg.clip_range))
+    kl = torch.zeros(b, device=x.device)
+    if cfg.beta > 0:
+        with torch.no_grad():  # the reference model: the same forward with the RL adapter off
+            common.unwrap(transformer).disable_adapters()
+            _, _, mean_ref, _ = sde_step(x, forward(), s, s_next, cfg.noise_level, prev_sample=x_next,
+                                         second_sigma=second)
+            common.unwrap(transformer).enable_adapters()
+        # ||mean - mean_ref||^2 / (2 std^2), element mean, std without sqrt(-dt) (Flow-GRPO's form)
+        kl = ((mean - mean_ref) ** 2).mean(dim=tuple(range(1, mean.dim()))) / (2 * std ** 2)
+        loss = loss + cfg.beta * kl
+    return loss, ratio.detach(), kl.detach()
+
+
+# ----------------------------------------------------------------------------------------------
+# The update: Flow-GRPO's optimizer cadence over the samples of all ranks.
+
+def optimizer_plan(batches, it, cfg):
+    """batches: the trained sample ids of each rollout batch of the iteration (global ids; batches
+    without any left out). The batches are shuffled across prompts (seeded by the iteration alone,
+    so every rank and every world size draws the same plan) and split into `optimizer_steps` chunks;
+    returns each chunk's sample ids. A batch stays whole, so it is trained as it was sampled."""
+    batches = [list(b) for b in batches if len(b)]
+    if not batches:
+        return []
+    g = torch.Generator().manual_seed(cfg.seed * 7_919 + it + 1)
+    order = torch.randperm(len(batches), generator=g).tolist()
+    return [sum((batches[order[k]] for k in c), []) for c in np.array_split(np.arange(len(order)),
+                                                                          min(cfg.optimizer_steps, len(order)))]
+
+
+def update(m, params, opt, rollouts, cfg, plan=None, it=0):
+    """One optimizer step per chunk of `plan` (global sample ids). Each rank recomputes its rollout
+    batches that hold samples of the chunk, whole and as sampled (so the first step's ratio is
+    exactly 1), and backpropagates each such sample's loss at every trained step divided by
+    (the chunk's global size x the number of steps); a SUM over ranks then gives every rank the
+    gradient one process would have. Without a plan, the rollouts' own trained samples are planned."""
+    if plan is None:
+        plan = optimizer_plan([[i for i, t in zip(ro.ids, ro.train_mask.tolist()) if t] for ro in rollouts], it, cfg)
+    stats = {"ratio_first": None, "ratio_mean": [], "clip_frac": [], "kl": [], "optimizer_steps": len(plan),
+             "trained_samples": sum(len(c) for c in plan)}
+    n_steps = cfg.steps - 1  # every denoising step but the last, as Flow-GRPO (timestep_fraction 0.99 of 28)
+    for chunk in plan:
+        in_chunk = set(chunk)
+        opt.zero_grad(set_to_none=True)
+        for ro in rollouts:
+            rows = torch.tensor([i in in_chunk for i in ro.ids])  # [B] bool: this step's samples of the batch
+            if not rows.any():
+                continue
+            w = rows.float().to(ro.latents.device) / (len(chunk) * n_steps)  # [B]; 0 for the others
+            for j in range(n_steps):
+                loss, ratio, kl = step_loss(m, m.transformer, ro, j, cfg)
+                (loss * w).sum().backward()
+                r = ratio[rows.to(ratio.device)]
+                if stats["ratio_first"] is None:
+                    stats["ratio_first"] = r.mean().item()
+                stats["ratio_mean"].append(r.mean().item())
+                stats["clip_frac"].append(((r - 1).abs() > cfg.clip_range).float().mean().item())
+                stats["kl"].append(kl[rows.to(kl.device)].mean().item())
+        sum_grads(params)
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+    return {k: (float(np.mean(v)) if isinstance(v, list) and v else v) for k, v in stats.items()}
+
+
+def sum_grads(params):
+    """Gradient sum over ranks (each rank's share is already divided by the global count); every
+    rank calls it once per optimizer step, in the same order, holding samples of the chunk or not."""
+    if world() == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        torch.distributed.all_reduce(p.grad)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rollouts: per-sample seeds, so any split of a group over ranks draws the same samples.
 
 def sample_seed(seed, iteration, prompt, member):
     return (seed * 1_000_003 + iteration * 10_007 + prompt * 101 + member) % (2 ** 63)
 
 
 def encode_prompt(m, cache, sample, device):
-    """Cached text embeddings and reference latents of one dataset sample -> model inputs."""
+    """Cached text embeddings and reference latents of one dataset sample -> model inputs (batch 1)."""
     n = len(sample["subjects"])
     _, refs, t5, pooled = cache.get(sample, n)
-    ref_tok = torch.cat([pack(r[None].float()) for r in refs], 1).to(device, m.dtype)
-    hws = [(r.shape[1] // 2, r.shape[2] // 2) for r in refs]
+    ref_tok = torch.cat([pack(r[None].float()) for r in refs], 1).to(device, m.dtype)  # [1, sum of ref tokens, 64]
+    hws = [(r.shape[1] // 2, r.shape[2] // 2) for r in refs]  # each ref's token grid
     return t5[None].to(device, m.dtype), pooled[None].to(device, m.dtype), ref_tok, hws
 
 
-def rollout(m, transformer, prompt_inputs, seeds, cfg, noise_level=None):
-    """SDE sampling of len(seeds) samples of one prompt. Returns latents [T+1, B, L, 64],
-    log-probs [T, B], sigmas [T+1] and the final images."""
+def rollout(m, transformer, prompt_inputs, seeds, cfg, noise_level=None, ids=None):
+    """SDE sampling of len(seeds) samples of one prompt, in one batch; returns a Rollout whose
+    `ids` default to 0..B-1."""
     t5, pooled, refs, hws = prompt_inputs
     b = len(seeds)
     lh = lw = cfg.resolution // m.vae_factor
     c = m.transformer.config.in_channels // 4
-    noise = torch.cat([sft.initial_noise(1, c, lh, lw, s, m.device, torch.float32) for s in seeds])
+    noise = torch.cat([sft.initial_noise(1, c, lh, lw, s, m.device, torch.float32) for s in seeds])  # [B, c, lh, lw]
     gens = [torch.Generator().manual_seed(s + 1) for s in seeds]
     lat, lps = [], []
 
@@ -175,16 +340,21 @@ def rollout(m, transformer, prompt_inputs, seeds, cfg, noise_level=None):
         lat.append(x_next)
         lps.append(extra[0])
 
-    final = sft.sample_latents(m, t5.expand(b, -1, -1), pooled.expand(b, -1), refs.expand(b, -1, -1), hws,
-                               cfg.resolution, cfg.resolution, 0, cfg.steps, cfg.guidance, cfg.pe, step,
-                               record, transformer, noise=noise)
+    with numerics(m):
+        final = sft.sample_latents(m, t5.expand(b, -1, -1), pooled.expand(b, -1), refs.expand(b, -1, -1), hws,
+                                   cfg.resolution, cfg.resolution, 0, cfg.steps, cfg.guidance, cfg.pe, step,
+                                   record, transformer, noise=noise)
     sigmas = sft.sampling_sigmas(m, cfg.steps, lat[0].shape[1])
-    images = tensor_to_pil(decode_latents(m, final))
-    return torch.stack(lat), torch.stack(lps), sigmas, images
+    return Rollout(ids=list(range(b)) if ids is None else list(ids), inputs=prompt_inputs,
+                   latents=torch.stack(lat), log_probs=torch.stack(lps), sigmas=sigmas,
+                   images=tensor_to_pil(decode_latents(m, final)))
 
 
 # ----------------------------------------------------------------------------------------------
-# Rewards.
+# Rewards of the images.
+
+TERMS = ("psr", "judge", "hps")  # the mix's terms, logged per iteration when the reward returns them
+
 
 def brightness_reward(images, *_):
     return {"reward": [ImageStat.Stat(im.convert("L")).mean[0] / 255.0 for im in images]}
@@ -210,181 +380,33 @@ def build_reward(cfg, device):
 
 
 def score(reward_fn, images, sample, data_dir):
+    """{"reward": [...], and any of psr/judge/hps: [...]} per image, plus judge_unparsed (a count)."""
     refs = [open_image(data_dir, s["ref"], sample["id"]) for s in sample["subjects"]]
     cats = [s["category"] for s in sample["subjects"]]
     n = len(images)
     res = reward_fn(images, [refs] * n, [cats] * n, [sample["instruction"]] * n, [sample.get("task", "")] * n)
-    terms = {k: v for k, v in res.items() if k in ("psr", "judge", "hps")}
-    return [float(r) for r in res["reward"]], terms
+    out = {k: [float(v) for v in res[k]] for k in ("reward", *TERMS) if k in res}
+    out["judge_unparsed"] = int(res.get("judge_unparsed", 0))
+    return out
 
 
-# ----------------------------------------------------------------------------------------------
-# The update: PPO clipped objective per denoising step, KL optional.
-
-def step_loss(m, transformer, ro, j, adv, mask, cfg):
-    """Loss of denoising step j for one prompt's rollout; returns (loss, ratio, clipped, kl).
-
-    The whole sampled batch is recomputed (so the first ratio is exactly 1); samples outside
-    `mask` (zero advantage, or a NaN reward) add nothing to the loss."""
-    t5, pooled, refs, hws = ro["inputs"]
-    lat, old_lp, sigmas = ro["latents"], ro["log_probs"], ro["sigmas"]
-    b = lat.shape[1]
-    lh = lw = cfg.resolution // m.vae_factor
-    x, s, s_next = lat[j], float(sigmas[j]), float(sigmas[j + 1])
-    sig = torch.full((b,), s, device=x.device)
-    with autocast(x.device):
-        v = velocity(m, x.to(m.dtype), refs.expand(b, -1, -1), sig, t5.expand(b, -1, -1), pooled.expand(b, -1),
-                     (lh // 2, lw // 2), hws, cfg.pe, cfg.guidance, transformer)
-    _, lp, mean, std = sde_step(x, v, s, s_next, cfg.noise_level, prev_sample=lat[j + 1],
-                                second_sigma=float(sigmas[1]))
-    ratio = torch.exp(lp - old_lp[j])
-    unclipped = -adv * ratio
-    clipped = -adv * ratio.clamp(1 - cfg.clip_range, 1 + cfg.clip_range)
-    w = mask.float() / mask.float().sum()
-    loss = (torch.maximum(unclipped, clipped) * w).sum()
-    kl = torch.zeros((), device=x.device)
-    if cfg.beta > 0:
-        with torch.no_grad(), autocast(x.device):
-            common.unwrap(transformer).disable_adapters()
-            v_ref = velocity(m, x.to(m.dtype), refs.expand(b, -1, -1), sig, t5.expand(b, -1, -1),
-                             pooled.expand(b, -1), (lh // 2, lw // 2), hws, cfg.pe, cfg.guidance, transformer)
-            common.unwrap(transformer).enable_adapters()
-        _, _, mean_ref, _ = sde_step(x, v_ref, s, s_next, cfg.noise_level, prev_sample=lat[j + 1],
-                                     second_sigma=float(sigmas[1]))
-        dt = s_next - s
-        kl = ((mean - mean_ref) ** 2).mean(dim=tuple(range(1, mean.dim()))) / (2 * (std * math.sqrt(-dt)) ** 2)
-        kl = (kl * w).sum()
-        loss = loss + cfg.beta * kl
-    frac = (((ratio - 1).abs() > cfg.clip_range).float() * w).sum()
-    return loss, ratio.detach(), frac.detach(), kl.detach()
-
-
-def update(m, params, opt, rollouts, cfg):
-    """`optimizer_steps` optimizer steps per iteration, as Flow-GRPO takes a few large steps per epoch
-    rather than one per prompt: the prompt groups are split into that many chunks, and each chunk's
-    gradient is accumulated over its groups and over every denoising step but the last, weighted so
-    that every trained sample counts the same."""
-    stats = {"ratio_first": None, "ratio_mean": [], "clip_frac": [], "kl": [], "trained_samples": 0}
-    n_steps = cfg.steps - 1
-    for chunk in np.array_split(np.arange(len(rollouts)), max(1, min(cfg.optimizer_steps, len(rollouts)))):
-        keeps = [rollouts[i]["train_mask"].to(rollouts[i]["latents"].device) for i in chunk]
-        n_chunk = max(1, sum(int(k.sum()) for k in keeps))
-        opt.zero_grad(set_to_none=True)
-        for i, keep in zip(chunk, keeps):
-            ro = rollouts[i]
-            stats["trained_samples"] += int(keep.sum())
-            adv = torch.where(keep, ro["advantages"].to(keep.device), torch.zeros(()))
-            for j in range(n_steps if keep.any() else 0):
-                loss, ratio, frac, kl = step_loss(m, m.transformer, ro, j, adv, keep, cfg)
-                (loss * int(keep.sum()) / n_chunk / n_steps).backward()  # step_loss is a mean over `keep`
-                if stats["ratio_first"] is None:
-                    stats["ratio_first"] = ratio.mean().item()
-                stats["ratio_mean"].append(ratio.mean().item())
-                stats["clip_frac"].append(frac.item())
-                stats["kl"].append(kl.item())
-        sync_grads(params)
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-    return {k: (float(np.mean(v)) if isinstance(v, list) and v else v) for k, v in stats.items()}
-
-
-def sync_grads(params):
-    """Gradient mean over ranks; every rank calls it once per optimizer step, in the same order."""
-    if world() == 1:
-        return
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        torch.distributed.all_reduce(p.grad)
-        p.grad /= world()
-
-
-# ----------------------------------------------------------------------------------------------
-# One iteration: rollouts for P prompts (samples spread over ranks), rewards scored in a thread
-# while the next prompt is sampled, advantages over whole groups, then the update.
-
-def gather_rewards(local, total, mine):
-    """Each rank fills its own entries; a SUM all-reduce gives every rank every reward (NaN kept)."""
-    vals = torch.zeros(total, dtype=torch.float64)
-    have = torch.zeros(total, dtype=torch.float64)
-    for i, r in zip(mine, local):
-        vals[i] = 0.0 if math.isnan(r) else r
-        have[i] = 0.0 if math.isnan(r) else 1.0
+def gather_scores(local, total, unparsed=0):
+    """local: {sample id: score dict} of this rank -> {key: [total] float64, NaN where missing} on
+    every rank (SUM all-reduces of values and of presence), and judge_unparsed summed over ranks."""
+    keys = ("reward", *TERMS)
+    vals = torch.zeros(len(keys), total, dtype=torch.float64)
+    have = torch.zeros(len(keys), total, dtype=torch.float64)
+    unparsed = torch.tensor([float(unparsed)], dtype=torch.float64)
+    for i, sc in local.items():
+        for k, key in enumerate(keys):
+            v = sc.get(key, float("nan"))
+            if not math.isnan(v):
+                vals[k, i], have[k, i] = v, 1.0
     if world() > 1:
-        torch.distributed.all_reduce(vals)
-        torch.distributed.all_reduce(have)
+        for t in (vals, have, unparsed):
+            torch.distributed.all_reduce(t)
     vals[have == 0] = float("nan")
-    return vals
-
-
-def advantages_for(rewards, prompts, group_size, cfg):
-    """Advantages over full groups; NaN rewards are excluded (reported), as are groups with none left."""
-    gid = torch.arange(len(rewards)) // group_size
-    finite = ~torch.isnan(rewards)
-    adv = torch.zeros(len(rewards))
-    ok_groups = [g for g in range(len(prompts)) if finite[gid == g].any()]
-    if ok_groups:
-        idx = torch.nonzero(finite & torch.isin(gid, torch.tensor(ok_groups))).flatten()
-        remap = {g: k for k, g in enumerate(ok_groups)}
-        adv[idx] = group_advantages(rewards[idx].float(), torch.tensor([remap[int(g)] for g in gid[idx]]),
-                                    clip=cfg.adv_clip).cpu()
-    dropped = [prompts[g]["id"] for g in range(len(prompts)) if g not in ok_groups]
-    return adv, finite, dropped
-
-
-def iteration(m, params, opt, samples, cache, reward_fn, data_dir, it, cfg):
-    rng = np.random.default_rng(cfg.seed * 7_919 + it)
-    prompts = [samples[i] for i in rng.choice(len(samples), cfg.prompts_per_iter, replace=True)]
-    g = cfg.group_size
-    mine_all = [i for i in range(len(prompts) * g) if i % world() == rank()]
-    t_sample = t_reward = 0.0
-    rollouts, futures = [], []
-    with cf.ThreadPoolExecutor(1) as pool:
-        for p, sample in enumerate(tqdm(prompts, desc=f"rollouts it {it}", leave=False, disable=rank() != 0)):
-            members = [i - p * g for i in mine_all if p * g <= i < (p + 1) * g]
-            if not members:
-                continue
-            t0 = time.time()
-            inputs = encode_prompt(m, cache, sample, m.device)
-            lat, lps, sigmas, images = rollout(m, m.transformer, inputs,
-                                               [sample_seed(cfg.seed, it, p, k) for k in members], cfg)
-            t_sample += time.time() - t0
-            rollouts.append({"p": p, "members": members, "inputs": inputs, "latents": lat, "log_probs": lps,
-                             "sigmas": sigmas, "images": images})
-            futures.append(pool.submit(timed, score, reward_fn, images, sample, data_dir))
-        local, terms = [], {}
-        for ro, fut in zip(rollouts, futures):
-            (r, t), secs = fut.result()
-            t_reward += secs
-            ro["rewards"] = r
-            local += r
-            for k, v in t.items():
-                terms.setdefault(k, []).extend(v)
-    mine = [ro["p"] * g + k for ro in rollouts for k in ro["members"]]
-    rewards = gather_rewards(local, len(prompts) * g, mine)
-    adv, finite, dropped = advantages_for(rewards, prompts, g, cfg)
-    for ro in rollouts:
-        idx = [ro["p"] * g + k for k in ro["members"]]
-        ro["advantages"] = adv[idx]
-        ro["train_mask"] = finite[idx] & (adv[idx] != 0)
-    t0 = time.time()
-    stats = update(m, params, opt, rollouts, cfg)
-    t_update = time.time() - t0
-    fin = rewards[~torch.isnan(rewards)]
-    log = {"iter": it + 1, "reward_mean": float(fin.mean()) if len(fin) else float("nan"),
-           "reward_std": float(fin.std(unbiased=False)) if len(fin) else float("nan"),
-           "nan_rewards": int(torch.isnan(rewards).sum()), "dropped_groups": dropped,
-           "adv_mean": float(adv[finite].mean()) if finite.any() else 0.0,
-           "adv_abs_mean": float(adv[finite].abs().mean()) if finite.any() else 0.0,
-           **{f"{k}_mean": float(np.nanmean(v)) for k, v in terms.items()},
-           **{f"{k}_std": float(np.nanstd(v)) for k, v in terms.items()},
-           **stats, "sample_s": t_sample, "reward_s": t_reward, "update_s": t_update,
-           "rewards": [None if math.isnan(r) else round(float(r), 6) for r in rewards.tolist()],
-           "advantages": [round(float(a), 5) for a in adv.tolist()]}
-    if rank() == 0 and log["nan_rewards"]:
-        print(f"[rl] iteration {it + 1}: {log['nan_rewards']} sample(s) scored NaN and were excluded; "
-              f"groups dropped: {dropped}")
-    return log
+    return {key: vals[k] for k, key in enumerate(keys)}, int(unparsed.item())
 
 
 def timed(fn, *args):
@@ -394,25 +416,146 @@ def timed(fn, *args):
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation on held-out prompts (ODE sampler, fixed seed), and the rollout-overhead measurement.
+# One iteration: rollouts of this rank's samples (each prompt's rewards scored in a thread while
+# the next prompt is sampled), every rank's rewards gathered, advantages over whole groups, update.
+
+def draw_prompts(samples, it, cfg):
+    rng = np.random.default_rng(cfg.seed * 7_919 + it)
+    return [samples[i] for i in rng.choice(len(samples), cfg.prompts_per_iter, replace=False)]
+
+
+def rollout_batches(cfg):
+    """The iteration's sampling batches: each prompt's G samples in pieces of rollout_batch (whole
+    groups by default), as global sample ids p * G + k; the same for every world size."""
+    g = cfg.group_size
+    b = min(cfg.rollout_batch or g, g)
+    return [list(range(p * g + k, p * g + min(k + b, g))) for p in range(cfg.prompts_per_iter) for k in range(0, g, b)]
+
+
+def my_batches(batches):
+    """This rank's contiguous share of the batches, so a rank holds whole or partial groups."""
+    return [batches[q] for q in np.array_split(np.arange(len(batches)), world())[rank()].tolist()]
+
+
+def iteration(m, params, opt, samples, cache, reward_fn, data_dir, it, cfg):
+    prompts = draw_prompts(samples, it, cfg)
+    g, total = cfg.group_size, cfg.prompts_per_iter * cfg.group_size
+    batches = rollout_batches(cfg)
+    t_sample = t_reward = 0.0
+    rollouts, futures, local, unparsed = [], [], {}, 0
+    with cf.ThreadPoolExecutor(1) as pool:
+        for ids in tqdm(my_batches(batches), desc=f"rollouts it {it}", leave=False, disable=rank() != 0):
+            p, sample = ids[0] // g, prompts[ids[0] // g]
+            t0 = time.time()
+            inputs = encode_prompt(m, cache, sample, m.device)
+            ro = rollout(m, m.transformer, inputs, [sample_seed(cfg.seed, it, p, i % g) for i in ids], cfg, ids=ids)
+            t_sample += time.time() - t0
+            rollouts.append(ro)
+            futures.append(pool.submit(timed, score, reward_fn, ro.images, sample, data_dir))
+        for ro, fut in zip(rollouts, futures):
+            sc, secs = fut.result()
+            t_reward += secs
+            unparsed += sc.pop("judge_unparsed")
+            for c, i in enumerate(ro.ids):
+                local[i] = {k: v[c] for k, v in sc.items()}
+    scores, unparsed = gather_scores(local, total, unparsed)
+    rewards = scores["reward"]
+    adv, finite, dropped = advantages_for(rewards, prompts, g, cfg)
+    trained = finite & (adv != 0)
+    for ro in rollouts:
+        ro.advantages, ro.train_mask = adv[ro.ids], trained[ro.ids]
+    t0 = time.time()
+    plan = optimizer_plan([[i for i in ids if trained[i]] for ids in batches], it, cfg)
+    stats = update(m, params, opt, rollouts, cfg, plan)
+    t_update = time.time() - t0
+    fin = rewards[finite]
+    log = {"iter": it + 1, "reward_mean": float(fin.mean()) if len(fin) else float("nan"),
+           "reward_std": float(fin.std(unbiased=False)) if len(fin) else float("nan"),
+           "nan_rewards": int((~finite).sum()), "dropped_groups": dropped,
+           "adv_mean": float(adv[finite].mean()) if finite.any() else 0.0,
+           "adv_abs_mean": float(adv[finite].abs().mean()) if finite.any() else 0.0}
+    if cfg.reward == "mix":
+        log["weights"] = list(cfg.weights)
+    for key in TERMS:
+        v = scores[key][~torch.isnan(scores[key])]
+        if len(v):
+            log[f"{key}_mean"], log[f"{key}_std"] = float(v.mean()), float(v.std(unbiased=False))
+    if cfg.reward == "mix" or unparsed:
+        log["judge_unparsed"] = unparsed
+    log.update(**stats, sample_s=t_sample, reward_s=t_reward, update_s=t_update,
+               rewards=[None if math.isnan(r) else round(float(r), 6) for r in rewards.tolist()],
+               advantages=[round(float(a), 5) for a in adv.tolist()])
+    if rank() == 0 and log["nan_rewards"]:
+        print(f"[rl] iteration {it + 1}: {log['nan_rewards']} sample(s) scored NaN and were excluded; "
+              f"groups dropped: {dropped}")
+    return log
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation on held-out prompts (the ODE sampler, fixed seeds), the training curves, and the
+# rollout-overhead measurement.
 
 @torch.no_grad()
 def evaluate(m, samples, cache, reward_fn, data_dir, cfg, grid_path=None):
-    """Mean reward of one image per held-out prompt (seeds follow cfg.seed), plus each term's mean."""
+    """Mean reward of one image per held-out prompt (seeds follow cfg.seed). Returns (mean, extras)
+    with extras the spread over prompts (eval_reward_std) and each term's mean."""
     rewards, rows, terms = [], [], {}
     for k, sample in enumerate(samples):
         t5, pooled, refs, hws = encode_prompt(m, cache, sample, m.device)
-        lat = sft.sample_latents(m, t5, pooled, refs, hws, cfg.resolution, cfg.resolution,
-                                 sample_seed(cfg.seed, 10 ** 6, k, 0), cfg.steps, cfg.guidance, cfg.pe)
+        with numerics(m):
+            lat = sft.sample_latents(m, t5, pooled, refs, hws, cfg.resolution, cfg.resolution,
+                                     sample_seed(cfg.seed, 10 ** 6, k, 0), cfg.steps, cfg.guidance, cfg.pe)
         image = tensor_to_pil(decode_latents(m, lat))[0]
-        r, t = score(reward_fn, [image], sample, data_dir)
-        rewards.append(r[0])
-        for key, v in t.items():
-            terms.setdefault(key, []).extend(v)
+        sc = score(reward_fn, [image], sample, data_dir)
+        rewards.append(sc["reward"][0])
+        for key in TERMS:
+            terms.setdefault(key, []).extend(sc.get(key, []))
         rows.append([open_image(data_dir, s["ref"], sample["id"]) for s in sample["subjects"]] + [image])
     if grid_path is not None:
         save_png(grid_path, image_grid(rows))
-    return float(np.mean(rewards)), {f"eval_{k}": float(np.nanmean(v)) for k, v in terms.items()}
+    extras = {"eval_reward_std": float(np.nanstd(rewards))}
+    extras.update({f"eval_{k}": float(np.nanmean(v)) for k, v in terms.items() if v})
+    return float(np.nanmean(rewards)), extras
+
+
+def draw_curves(rows, path, size=(720, 400)):
+    """RL reward per iteration (mean over the iteration's samples, with its spread as a band) and the
+    held-out reward (with its spread over prompts as bars), drawn with PIL."""
+    rl = [(r["iter"], r["reward_mean"], r.get("reward_std", 0.0)) for r in rows
+          if "reward_mean" in r and r["reward_mean"] == r["reward_mean"]]
+    ev = [(r["iter"], r["eval_reward"], r.get("eval_reward_std", 0.0)) for r in rows if "eval_reward" in r]
+    im = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(im)
+    left, top, right, bottom = 60, 30, size[0] - 20, size[1] - 40
+    pts = rl + ev
+    if pts:
+        x_max = max(1, max(p[0] for p in pts))
+        lo = min(p[1] - p[2] for p in pts)
+        hi = max(p[1] + p[2] for p in pts)
+        lo, hi = (lo - 0.5, hi + 0.5) if hi - lo < 1e-9 else (lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
+
+        def xy(x, y):
+            return (left + (right - left) * x / x_max, bottom - (bottom - top) * (y - lo) / (hi - lo))
+
+        if len(rl) > 1:  # the band: mean +- std, then the mean on top
+            d.polygon([xy(i, m_ + s) for i, m_, s in rl] + [xy(i, m_ - s) for i, m_, s in reversed(rl)],
+                      fill=(205, 220, 245))
+            d.line([xy(i, m_) for i, m_, _ in rl], fill=(30, 80, 200), width=2)
+        for i, m_, s in ev:
+            d.line([xy(i, m_ - s), xy(i, m_ + s)], fill=(230, 120, 20), width=1)
+            x, y = xy(i, m_)
+            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(230, 120, 20))
+        if len(ev) > 1:
+            d.line([xy(i, m_) for i, m_, _ in ev], fill=(230, 120, 20), width=2)
+        for frac in (0.0, 0.5, 1.0):
+            y = lo + frac * (hi - lo)
+            d.text((4, xy(0, y)[1] - 6), f"{y:.3f}", fill="black")
+        d.text((left, bottom + 8), "0", fill="black")
+        d.text((right - 40, bottom + 8), f"iter {x_max}", fill="black")
+    d.rectangle([left, top, right, bottom], outline="black")
+    d.text((left, 8), "RL reward (blue, band: spread over samples)   held-out reward (orange, bars: spread "
+                      "over prompts)", fill="black")
+    save_png(path, im)
 
 
 @torch.no_grad()
@@ -424,8 +567,9 @@ def rollout_overhead(m, samples, cache, cfg):
     b = len(seeds)
     rollout(m, m.transformer, inputs, seeds, cfg)  # warm-up
     t0 = time.time()
-    sft.sample_latents(m, t5.expand(b, -1, -1), pooled.expand(b, -1), refs.expand(b, -1, -1), hws, cfg.resolution,
-                       cfg.resolution, 0, cfg.steps, cfg.guidance, cfg.pe)
+    with numerics(m):
+        sft.sample_latents(m, t5.expand(b, -1, -1), pooled.expand(b, -1), refs.expand(b, -1, -1), hws,
+                           cfg.resolution, cfg.resolution, 0, cfg.steps, cfg.guidance, cfg.pe)
     plain = time.time() - t0
     t0 = time.time()
     rollout(m, m.transformer, inputs, seeds, cfg)
@@ -434,18 +578,24 @@ def rollout_overhead(m, samples, cache, cfg):
 
 
 # ----------------------------------------------------------------------------------------------
+# Main: the SFT model with a fresh RL LoRA, the iteration-0 evaluation, the loop, resumable.
 
 def prepare_policy(m, cfg, sft_lora):
     """SFT LoRA fused into the base, then a fresh RL LoRA; its parameters are returned."""
     if sft_lora is not None:
         try:
             common.load_lora_into(m.transformer, sft_lora, fuse=True)
-        except (RuntimeError, ValueError) as e:  # shapes of another model
-            raise SystemExit(f"{sft_lora} does not fit the model {m.path} ({type(e).__name__}: {str(e)[:200]}): "
+        except (RuntimeError, ValueError) as e:  # shapes or keys of another model
+            raise SystemExit(f"{sft_lora} does not fit the model {m.path} ({type(e).__name__}: {str(e)[:300]}): "
                              f"rerun `python sft.py` with this model, or pass --sft_lora")
     params = common.add_lora(m.transformer, cfg.lora_rank, cfg.lora_alpha, cfg.seed, name="rl")
     m.transformer.set_adapter("rl")
     return params
+
+
+def lora_settings(cfg):
+    """What the RL LoRA is valid with, saved beside it (bench.py adopts these)."""
+    return {key: getattr(cfg, key) for key in common.MODEL_SETTINGS}
 
 
 def main(cfg):
@@ -454,61 +604,68 @@ def main(cfg):
     data_dir = Path(cfg.data or ROOT / "data" / name)
     out = Path(cfg.out or ROOT / "runs" / f"{name}-rl")
     sft_lora = None if cfg.sft_lora == "none" else Path(cfg.sft_lora or ROOT / "runs" / f"{name}-sft" / "lora")
-    common.print_config(cfg, "rl", out)
-    common.ensure_writable(out, "rl")
     if sft_lora is not None and not (sft_lora / "pytorch_lora_weights.safetensors").exists():
         raise SystemExit(f"{sft_lora} has no pytorch_lora_weights.safetensors: run `python sft.py --preset {name}` "
                          f"first (or pass --sft_lora none to start from the base model)")
-    if cfg.group_size % world():
-        raise SystemExit(f"group_size {cfg.group_size} must be divisible by the {world()} ranks")
+    if sft_lora is not None:  # the SFT LoRA only works with the pe, guidance, ... it was trained with
+        common.adopt_lora_settings(cfg, [sft_lora], "rl")
+    common.print_config(cfg, "rl", out)
+    common.ensure_writable(out, "rl")
+    if cfg.beta > 0 and cfg.noise_level <= 0:
+        raise SystemExit("--beta > 0 needs --noise_level > 0: the KL term divides by the step's std")
     m = common.load_kontext(cfg.model, device, common.model_dtype(device), cfg.tiny_dir)
     common.use_kernels(m.transformer, cfg.kernels)
     samples, cache = common.load_dataset(m, data_dir, cfg.resolution, cfg.max_text_len)
-    if len(samples) <= cfg.n_eval:
-        raise SystemExit(f"{data_dir} has {len(samples)} samples; rl needs more than n_eval={cfg.n_eval}")
+    if len(samples) < cfg.n_eval + cfg.prompts_per_iter:
+        raise SystemExit(f"{data_dir} has {len(samples)} samples; rl holds out n_eval={cfg.n_eval} and draws "
+                         f"prompts_per_iter={cfg.prompts_per_iter} distinct ones from the rest")
     train_set, eval_set = samples[: len(samples) - cfg.n_eval], samples[len(samples) - cfg.n_eval:]
+    if rank() == 0 and len(rollout_batches(cfg)) < world():
+        print(f"[rl] {len(rollout_batches(cfg))} rollout batches for {world()} ranks: some ranks only wait; "
+              f"lower --rollout_batch (now {cfg.rollout_batch or cfg.group_size}) to spread groups over more ranks")
     params = prepare_policy(m, cfg, sft_lora)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     reward_fn = build_reward(cfg, device)
-    ckpt = out / "checkpoint.pt"
+    ckpt, log_path = out / "checkpoint.pt", out / "log.jsonl"
     start = common.load_checkpoint(ckpt, m.transformer, opt, name="rl")["step"] if ckpt.exists() else 0
     if rank() == 0:
-        common.truncate_log(out / "log.jsonl", start)  # iterations past the checkpoint run again
+        common.truncate_log(log_path, start)  # rows past the checkpoint ("iter" > start) run again
         if start:
             print(f"[rl] resumed from {ckpt} at iteration {start}")
     first_eval = last_eval = None
     t_start = time.time()
     if start == 0 and cfg.eval_every:
         # iteration 0: the held-out reward before any update, the baseline every later eval is read against
-        first_eval, terms = evaluate(m, eval_set, cache, reward_fn, data_dir, cfg,
-                                     out / "samples" / "iter-00000.png" if rank() == 0 else None)
+        first_eval, extras = evaluate(m, eval_set, cache, reward_fn, data_dir, cfg,
+                                      out / "samples" / "iter-00000.png" if rank() == 0 else None)
         last_eval = first_eval
         if rank() == 0:
-            append_jsonl(out / "log.jsonl", {"iter": 0, "eval_reward": first_eval, **terms})
+            append_jsonl(log_path, {"iter": 0, "eval_reward": first_eval, **extras})
     for it in tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="rl",
                    disable=rank() != 0):
         log = iteration(m, params, opt, train_set, cache, reward_fn, data_dir, it, cfg)
         if cfg.eval_every and ((it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iterations):
             grid = out / "samples" / f"iter-{it + 1:05d}.png" if rank() == 0 else None
-            log["eval_reward"], terms = evaluate(m, eval_set, cache, reward_fn, data_dir, cfg, grid)
-            log.update(terms)
+            log["eval_reward"], extras = evaluate(m, eval_set, cache, reward_fn, data_dir, cfg, grid)
+            log.update(extras)
             first_eval = log["eval_reward"] if first_eval is None else first_eval
             last_eval = log["eval_reward"]
         if rank() == 0:
-            append_jsonl(out / "log.jsonl", log)
+            append_jsonl(log_path, log)
             if (it + 1) % cfg.ckpt_every == 0 or it + 1 == cfg.iterations:
                 common.save_checkpoint(ckpt, m.transformer, opt, it + 1, name="rl")
+                draw_curves(common.read_jsonl(log_path), out / "curves.png")
         barrier()
         common.maybe_die("rl", it + 1)
     if rank() == 0:
-        common.save_lora(m.transformer, out / "lora", name="rl")
+        common.save_lora(m.transformer, out / "lora", name="rl", settings=lora_settings(cfg))
         print(f"[rl] done: {cfg.iterations} iterations ({cfg.iterations - start} this run) in "
               f"{time.time() - t_start:.1f}s; held-out reward first {first_eval} last {last_eval}")
         if cfg.measure_overhead:
             plain, tracked = rollout_overhead(m, train_set, cache, cfg)
             print(f"[rl] rollout overhead: plain Euler {plain:.3f}s, SDE with log-prob tracking {tracked:.3f}s, "
                   f"ratio {tracked / plain:.3f}")
-        print(f"[rl] LoRA: {out / 'lora'}; log: {out / 'log.jsonl'}; samples: {out / 'samples'}")
+        print(f"[rl] LoRA: {out / 'lora'}; log: {log_path}; curves: {out / 'curves.png'}; samples: {out / 'samples'}")
     barrier()
     return out
 

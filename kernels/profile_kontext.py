@@ -98,12 +98,12 @@ def profile_rl(m, res, args, kernels, params, opt):
     reset_peak(args.device)
     sync(args.device)
     t0 = time.time()
-    lat_, lps, sigmas, images = rl.rollout(m, m.transformer, inputs, list(range(args.group)), cfg)
+    ro = rl.rollout(m, m.transformer, inputs, list(range(args.group)), cfg)
     sync(args.device)
     t_sample = time.time() - t0
     mem_sample = peak_gb(args.device)
-    ro = {"inputs": inputs, "latents": lat_, "log_probs": lps, "sigmas": sigmas,
-          "advantages": torch.randn(args.group, generator=g), "train_mask": torch.ones(args.group, dtype=torch.bool)}
+    ro.advantages = torch.randn(args.group, generator=g)
+    ro.train_mask = torch.ones(args.group, dtype=torch.bool)
     update_steps = args.update_steps or args.rl_steps - 1
     cfg.steps = update_steps + 1  # update() trains on steps 0 .. cfg.steps - 2
     reset_peak(args.device)
@@ -117,7 +117,7 @@ def profile_rl(m, res, args, kernels, params, opt):
             "sample_images_per_s": args.group / t_sample, "update_s": t_update * full,
             "update_steps_timed": update_steps, "update_peak_gb": peak_gb(args.device),
             "iteration_s": t_sample + t_update * full, "ratio_first": stats["ratio_first"],
-            "images": len(images)}
+            "images": len(ro.images)}
 
 
 def random_reward_models(device, small):

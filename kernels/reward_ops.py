@@ -7,7 +7,7 @@ Reward-batching ops for the RL hot loop, each a Triton kernel beside its plain-t
     clamped to the box), so the torch reference is F.interpolate on each crop.
 (b) gaussian_logprob_mean: the SDE step's log density of x_next under N(mean, std^2), averaged
     over all non-batch dims, in one pass per batch row.
-(c) group_advantages: per-group (r - mean) / (std + eps), population std, clipped.
+(c) group_advantages: per-group (r - mean) / (std + eps), population std, clipped (rl.group_advantages).
 """
 
 import math
@@ -170,13 +170,10 @@ def gaussian_logprob_mean(x, mean, std):
 
 
 def group_advantages_reference(rewards, group_ids, eps=1e-4, clip=5.0):
-    rewards = rewards.float()
-    groups = group_ids.long()
-    k = int(groups.max()) + 1
-    n = torch.zeros(k, device=rewards.device).index_add_(0, groups, torch.ones_like(rewards))
-    mean = torch.zeros(k, device=rewards.device).index_add_(0, groups, rewards) / n
-    var = torch.zeros(k, device=rewards.device).index_add_(0, groups, (rewards - mean[groups]) ** 2) / n
-    return ((rewards - mean[groups]) / (var.sqrt()[groups] + eps)).clamp(-clip, clip)
+    """The formula itself lives in rl.py (rl.group_advantages); kernels/ only accelerates it."""
+    from rl import group_advantages
+
+    return group_advantages(rewards, group_ids, eps, clip).to(rewards.device)
 
 
 def group_advantages(rewards, group_ids, eps=1e-4, clip=5.0):

@@ -60,6 +60,9 @@ def test_sde_step_formula_and_log_prob():
     # at sigma == 1 the denominator uses the schedule's second sigma
     _, _, _, std1 = rl.sde_step(x, v, 1.0, 0.96, noise_level=a, generator=g, second_sigma=0.96)
     assert std1 == pytest.approx(a * math.sqrt(1 / (1 - 0.96)))
+    # ... and without it the step raises instead of silently taking a deterministic step
+    with pytest.raises(ValueError, match="second sigma"):
+        rl.sde_step(x, v, 1.0, 0.96, noise_level=a, generator=g)
 
 
 def test_group_advantages():
@@ -86,27 +89,91 @@ def test_nan_rewards_are_excluded():
     assert adv[1] == 0 and adv[0] < 0 < adv[2]  # the group's stats ignore the NaN sample
 
 
-def tiny_policy(tiny_dir, tiny_data):
-    m = common.load_kontext("tiny", "cpu", torch.float32, tiny_dir)
+def tiny_policy(tiny_dir, tiny_data, dtype=torch.float32):
+    m = common.load_kontext("tiny", "cpu", dtype, tiny_dir)
     samples, cache = common.load_dataset(m, tiny_data, 64, 16)
     params = rl.prepare_policy(m, rl.Config(lora_rank=4, lora_alpha=8), None)
+    with torch.no_grad():  # a non-zero adapter (peft starts B at 0), so the checks see the LoRA's numerics
+        for p in params:
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())).to(p.dtype))
     return m, samples, cache, params
 
 
-def test_ratio_is_one_on_fresh_rollouts(tiny_dir, tiny_data):
-    m, samples, cache, params = tiny_policy(tiny_dir, tiny_data)
-    with torch.no_grad():  # a non-zero adapter, so the check is not trivially about the base model
-        for p in params:
-            p.add_(0.05 * torch.randn_like(p))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ratio_is_exactly_one_on_fresh_rollouts(tiny_dir, tiny_data, dtype):
+    """The update's log-prob of a fresh rollout equals the rollout's own, bit for bit, at every step.
+    bf16 emulates the GPU on the CPU: bf16 base weights, the fp32 LoRA common.add_lora keeps, and
+    rl.numerics' bf16 autocast around sampling and training alike (Flow-GRPO,
+    scripts/train_flux_kontext.py, samples and trains under the same `autocast()` context)."""
+    m, samples, cache, params = tiny_policy(tiny_dir, tiny_data, dtype)
+    assert m.dtype == dtype and {p.dtype for p in params} == {torch.float32}
     cfg = rl.Config(resolution=64, steps=5, group_size=4)
     inputs = rl.encode_prompt(m, cache, samples[0], m.device)
-    lat, lps, sigmas, images = rl.rollout(m, m.transformer, inputs, [11, 12, 13, 14], cfg)
-    assert lat.shape[0] == 6 and lps.shape == (5, 4) and len(images) == 4
-    ro = {"inputs": inputs, "latents": lat, "log_probs": lps, "sigmas": sigmas}
-    mask = torch.ones(4, dtype=torch.bool)
+    ro = rl.rollout(m, m.transformer, inputs, [11, 12, 13, 14], cfg)
+    assert ro.latents.shape[:2] == (6, 4) and ro.log_probs.shape == (5, 4) and len(ro.images) == 4
+    ro.advantages = torch.ones(4)
     for j in range(cfg.steps - 1):
-        _, ratio, _, _ = rl.step_loss(m, m.transformer, ro, j, torch.ones(4), mask, cfg)
-        assert torch.allclose(ratio, torch.ones(4), atol=1e-5, rtol=0), (j, ratio)
+        _, ratio, _ = rl.step_loss(m, m.transformer, ro, j, cfg)
+        assert torch.equal(ratio, torch.ones(4)), (dtype, j, ratio - 1)
+    if dtype == torch.bfloat16:  # the context matters: the same step in fp32 matmuls moves the ratio
+        with torch.autocast("cpu", enabled=False):
+            orig = rl.numerics
+            rl.numerics = lambda m_: torch.autocast("cpu", enabled=False)
+            try:
+                _, ratio, _ = rl.step_loss(m, m.transformer, ro, 1, cfg)
+            finally:
+                rl.numerics = orig
+        assert not torch.equal(ratio, torch.ones(4))
+
+
+def test_rollout_at_noise_zero_is_the_sampler(tiny_dir, tiny_data):
+    """rollout(noise_level=0) is the plain ODE sampler: the same final latents and images."""
+    m, samples, cache, params = tiny_policy(tiny_dir, tiny_data)
+    cfg = rl.Config(resolution=64, steps=5)
+    t5, pooled, refs, hws = inputs = rl.encode_prompt(m, cache, samples[1], m.device)
+    seeds = [3, 4, 5]
+    ro = rl.rollout(m, m.transformer, inputs, seeds, cfg, noise_level=0.0)
+    assert torch.all(ro.log_probs == 0)
+    noise = torch.cat([sft.initial_noise(1, 16, 8, 8, s, "cpu", torch.float32) for s in seeds])
+    plain = sft.sample_latents(m, t5.expand(3, -1, -1), pooled.expand(3, -1), refs.expand(3, -1, -1), hws, 64, 64,
+                               0, cfg.steps, cfg.guidance, cfg.pe, noise=noise)
+    assert torch.equal(ro.latents[-1], sft.pack(plain))
+    images = common.tensor_to_pil(common.decode_latents(m, plain))
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(ro.images, images))
+
+
+def test_kl_term_is_the_gaussian_mean_distance(tiny_dir, tiny_data):
+    """beta * ||mean - mean_ref||^2 / (2 std^2), std without sqrt(-dt), as Flow-GRPO
+    (scripts/train_flux_kontext.py, the `kl_loss` line of the training loop); 0 with the adapter at 0."""
+    m, samples, cache, params = tiny_policy(tiny_dir, tiny_data)
+    cfg = rl.Config(resolution=64, steps=4, beta=0.5)
+    inputs = rl.encode_prompt(m, cache, samples[0], m.device)
+    ro = rl.rollout(m, m.transformer, inputs, [1, 2], cfg)
+    ro.advantages = torch.tensor([1.0, -1.0])
+    j = 1
+    loss, ratio, kl = rl.step_loss(m, m.transformer, ro, j, cfg)
+    t5, pooled, refs, hws = inputs
+    s, sn = float(ro.sigmas[j]), float(ro.sigmas[j + 1])
+
+    def mean_of(adapter_on):
+        if not adapter_on:
+            m.transformer.disable_adapters()
+        v = sft.velocity(m, ro.latents[j], refs.expand(2, -1, -1), torch.full((2,), s), t5.expand(2, -1, -1),
+                         pooled.expand(2, -1), (4, 4), hws, cfg.pe, cfg.guidance)
+        m.transformer.enable_adapters()
+        return rl.sde_step(ro.latents[j], v, s, sn, cfg.noise_level, prev_sample=ro.latents[j + 1],
+                           second_sigma=float(ro.sigmas[1]))[2:]
+
+    with torch.no_grad():
+        (mean, std), (mean_ref, _) = mean_of(True), mean_of(False)
+    want = ((mean - mean_ref) ** 2).mean(dim=(1, 2)) / (2 * std ** 2)
+    assert torch.all(want > 0) and torch.allclose(kl, want, rtol=1e-4, atol=0)
+    policy = torch.maximum(-ro.advantages * ratio, -ro.advantages * ratio.clamp(1 - 1e-4, 1 + 1e-4))
+    assert torch.allclose(loss.detach(), policy + 0.5 * want, rtol=1e-5)
+    with torch.no_grad():
+        for p in params:
+            p.zero_()
+    assert torch.all(rl.step_loss(m, m.transformer, ro, j, cfg)[2] == 0)
 
 
 def test_one_update_moves_log_probs_with_the_advantage(tiny_dir, tiny_data):
@@ -116,15 +183,35 @@ def test_one_update_moves_log_probs_with_the_advantage(tiny_dir, tiny_data):
     cfg = rl.Config(resolution=64, steps=6, group_size=8, lr=1e-2)
     opt = torch.optim.AdamW(params, lr=cfg.lr)
     inputs = rl.encode_prompt(m, cache, samples[0], m.device)
-    lat, lps, sigmas, _ = rl.rollout(m, m.transformer, inputs, list(range(8)), cfg)
-    adv = torch.tensor([1.0, -1.0] * 4)
-    mask = torch.ones(8, dtype=torch.bool)
-    ro = {"inputs": inputs, "latents": lat, "log_probs": lps, "sigmas": sigmas, "advantages": adv, "train_mask": mask}
+    ro = rl.rollout(m, m.transformer, inputs, list(range(8)), cfg)
+    ro.advantages = adv = torch.tensor([1.0, -1.0] * 4)
+    ro.train_mask = torch.ones(8, dtype=torch.bool)
     stats = rl.update(m, params, opt, [ro], cfg)
-    assert stats["ratio_first"] == pytest.approx(1.0, abs=1e-5) and stats["trained_samples"] == 8
+    assert stats["ratio_first"] == 1.0 and stats["trained_samples"] == 8
+    assert stats["optimizer_steps"] == 1  # one rollout batch: a batch is never split over optimizer steps
     with torch.no_grad():
-        delta = sum(torch.log(rl.step_loss(m, m.transformer, ro, j, adv, mask, cfg)[1]) for j in range(cfg.steps - 1))
+        delta = sum(torch.log(rl.step_loss(m, m.transformer, ro, j, cfg)[1]) for j in range(cfg.steps - 1))
     assert torch.all(delta[adv > 0] > 0) and torch.all(delta[adv < 0] < 0), delta
+
+
+def test_optimizer_plan_shuffles_across_prompts():
+    """Flow-GRPO (scripts/train_flux_kontext.py, `perm = torch.randperm(total_batch_size)` then the
+    rebatch into num_batches_per_epoch) shuffles the samples across prompts before splitting them
+    into optimizer steps; here the unit is a rollout batch (samples of one prompt share a batch), and
+    the plan depends only on (seed, iteration) and the batches, never on the world size."""
+    cfg = rl.Config(optimizer_steps=2, group_size=6, prompts_per_iter=4, rollout_batch=3)
+    batches = rl.rollout_batches(cfg)
+    assert batches == [list(range(k, k + 3)) for k in range(0, 24, 3)]
+    plan = rl.optimizer_plan(batches, 3, cfg)
+    assert len(plan) == 2 and sorted(sum(plan, [])) == list(range(24)) and [len(c) for c in plan] == [12, 12]
+    assert plan == rl.optimizer_plan(batches, 3, cfg) and plan != rl.optimizer_plan(batches, 4, cfg)
+    assert plan[0] != list(range(12))  # shuffled, not the prompts in order
+    assert all(sorted(c[k: k + 3]) == c[k: k + 3] and c[k] % 3 == 0 for c in plan for k in range(0, 12, 3))
+    # untrained samples leave the plan; a batch with none left is not recomputed at all
+    assert rl.optimizer_plan([[0, 2], [], [7]], 0, cfg) in ([[0, 2], [7]], [[7], [0, 2]])
+    assert rl.optimizer_plan([[], []], 0, cfg) == [] and rl.optimizer_plan([[5]], 0, cfg) == [[5]]
+    assert rl.rollout_batches(rl.Config(group_size=6, prompts_per_iter=2, rollout_batch=4)) == \
+        [[0, 1, 2, 3], [4, 5], [6, 7, 8, 9], [10, 11]]
 
 
 def run_rl(tmp, tiny_data, tiny_dir, out, *extra, nproc=1, die=None):
