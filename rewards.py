@@ -1,15 +1,25 @@
 """
 rewards.py - the rewards of PSR (stage 3): Pairwise Subject-Consistency, a VLM judge, HPSv3.
 
-R_PSR: for each subject i, find its category in the generated image and in reference i (Grounding
-DINO), crop both, embed with DINO ViT-S/16 (CLS token of the final normalized layer), take the
-cosine; average over subjects. The judge (Qwen2.5-VL) scores instruction following 0-10; HPSv3
-(Qwen2-VL-7B plus a small head) scores aesthetics. The RL reward mixes them:
-R = 0.4 R_PSR + 0.4 judge/10 + 0.2 HPSv3/10 (DESIGN section 6).
+What it does. A generated image is scored three ways. R_PSR: for each subject i, find its category
+in the generated image and in reference i with Grounding DINO, crop both, embed each crop with DINO
+ViT-S/16 (CLS token of the final normalized layer), take the cosine; average over subjects. The
+judge (Qwen2.5-VL) scores instruction following 0-10 in the format "[Thought]: ... [Score]: ...".
+HPSv3 (Qwen2-VL-7B plus a small head) scores aesthetics. RL trains on the mix
+    R = 0.4 R_PSR + 0.4 judge/10 + 0.2 HPSv3/10
+because R_PSR alone is hacked by pasting the references into the output; the general terms counter it.
 
-Two pairing modes: `official` follows the released scoring (top box per category, duplicate
-categories take boxes in order, the whole image when nothing is found); `strict` assigns boxes
-one-to-one by best similarity and scores a missing subject 0 (the training default).
+The paper's choices and ours. Two pairing modes share one detector pass and one crop path:
+  official  the authors' PSRBench scripts (github wang-shulei/PSR, eval/): one detector call per
+            subject with that category alone as caption; the first box in the detector's query
+            order (two subjects of one category in a 2-subject item take boxes 0 and 1; 3- and
+            4-subject items take box 0 for everyone); the whole image when nothing is found.
+  strict    ours, the training default: boxes go one-to-one to same-category subjects by best
+            similarity, and a subject that is not found scores 0 (the whole-image fallback would
+            reward a missing subject).
+Both crop a box the authors' way (int() of each coordinate, a numpy slice) and preprocess as their
+torchvision transform does (shorter side to 256 with PIL bicubic, the long side int()-truncated,
+centre crop 224, ImageNet mean/std); the GPU path (kernels/reward_ops.py) computes the same pixels.
 
 Run:
     python rewards.py --preset tiny --images items.json            # score a list of items
@@ -56,10 +66,12 @@ class RewardConfig:
     judge_url: str = ""           # OpenAI-compatible endpoint, e.g. http://host:8000/v1
     judge_key: str = ""
     judge_model: str = ""
-    judge_templates: str = ""     # folder with the official PSRBench templates
+    judge_templates: str = ""     # folder holding the authors' *-alignment.py (or a folder above it)
     judge_concurrency: int = 16
-    judge_max_tokens: int = 512
-    judge_fallback: float = 0.0   # value of an unparseable answer (it is also counted)
+    judge_max_tokens: int = 0     # 0: no cap (the authors set none; a cap can cut the answer before its score)
+    judge_temperature: float = 0.2  # the authors' sampling temperature, for the local judge too (seeded)
+    judge_seed: int = 0
+    judge_fallback: float = 0.0   # RL's value of an answer without a number (it is also counted)
     hps_base: str = "Qwen/Qwen2-VL-7B-Instruct"  # "" (or "none"): no aesthetics term
     hps_ckpt: str = "MizzenAI/HPSv3"  # HPSv3.safetensors, a folder holding it, or a hub id
     hps_prompt: str = ""          # file with HPSv3's prompt constants (else read from the hpsv3 package)
@@ -85,31 +97,211 @@ class Config(RewardConfig):
 
 
 # ----------------------------------------------------------------------------------------------
-# Tiny random models of the real classes, built locally, for tests and the CPU preset.
+# The Pairwise Subject-Consistency Reward.
+#
+# A detector answers, per image, {category: [(box, score), ...]} with boxes (x1, y1, x2, y2) in
+# pixels in the detector's own query order. A region is (image, box) or (image, None) for the
+# whole image; the embedder turns regions into L2-normalized DINO features.
+
+def crop_box(box, size):
+    """The pixels the authors' crop takes: `image[int(y1):int(y2), int(x1):int(x2)]` of a numpy array,
+    so int() truncates toward 0 and a negative coordinate counts from the far edge (Python slicing).
+    Returns the non-negative box those slices select, or None when it is empty: there the authors'
+    try/except falls back to the whole image."""
+    w, h = size
+    x1, x2, _ = slice(int(box[0]), int(box[2])).indices(w)
+    y1, y2, _ = slice(int(box[1]), int(box[3])).indices(h)
+    return (x1, y1, x2, y2) if x2 > x1 and y2 > y1 else None
 
 
+def crop(image, box):
+    """The region a box selects (the whole image for None or an empty crop)."""
+    b = None if box is None else crop_box(box, image.size)
+    return image if b is None else image.crop(b)
 
 
+def resize_plan(w, h):
+    """torchvision's Resize(256) then CenterCrop(224) on a w x h image: the shorter side becomes 256,
+    the longer int(256 * long / short) (truncated, as torchvision computes it); the crop offsets are
+    int(round((size - 224) / 2)). Returns (new_w, new_h, left, top)."""
+    if w <= h:
+        nw, nh = 256, int(256 * h / w)
+    else:
+        nw, nh = int(256 * w / h), 256
+    return nw, nh, int(round((nw - 224) / 2.0)), int(round((nh - 224) / 2.0))
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def dino_pixels(image, box=None):
+    """One region -> its [224, 224, 3] uint8 DINO input: crop, PIL bicubic resize (which antialiases
+    when it shrinks), centre crop. This is the reference every other path must reproduce."""
+    im = crop(image.convert("RGB"), box)
+    nw, nh, left, top = resize_plan(*im.size)
+    if (nw, nh) != im.size:  # torchvision returns the image untouched when the size already fits
+        im = im.resize((nw, nh), Image.BICUBIC)
+    return np.asarray(im.crop((left, top, left + 224, top + 224)))
 
 
+def normalize_pixels(pixels):
+    """[N, 224, 224, 3] uint8 -> [N, 3, 224, 224] float32 with ImageNet mean/std (ToTensor, Normalize)."""
+    x = torch.as_tensor(pixels).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device)[None, :, None, None]
+    std = torch.tensor(IMAGENET_STD, device=x.device)[None, :, None, None]
+    return (x - mean) / std
 
 
+def dino_preprocess(images, boxes=None):
+    """PIL images (and optional boxes) -> [B, 3, 224, 224]: one uint8 stack, normalized in one op."""
+    boxes = boxes or [None] * len(images)
+    if not images:
+        return torch.zeros(0, 3, 224, 224)
+    return normalize_pixels(np.stack([dino_pixels(im, b) for im, b in zip(images, boxes)]))
 
 
+def reference_features(refs, categories, detector, embed):
+    """Reference k is cropped to the first box of its own category (the whole reference if none is
+    found), as both modes and the authors do. A reference shared by several images (an RL group)
+    is detected and embedded once. Returns [total subjects, D] in (image, subject) order."""
+    flat = [(r, c) for rs, cs in zip(refs, categories) for r, c in zip(rs, cs)]
+    unique = list(dict.fromkeys((id(r), label(c)) for r, c in flat))
+    first = {}
+    for r, c in flat:
+        first.setdefault((id(r), label(c)), r)
+    dets = detector([first[u] for u in unique], [[u[1]] for u in unique]) if unique else []
+    regions = []
+    for u, det in zip(unique, dets):
+        boxes = det.get(u[1], [])
+        regions.append((first[u], boxes[0][0] if boxes else None))
+    feats = embed.regions(regions)
+    row = {u: i for i, u in enumerate(unique)}
+    return feats[[row[(id(r), label(c))] for r, c in flat]] if flat else feats
 
 
+def official_box_index(categories, k):
+    """Which of subject k's category boxes the authors' scripts take. eval-2-subject-sc.py: when
+    category1 == category2 (as written) subject 1 takes box 0 and subject 2 box 1, else box 0 each;
+    eval-3-subject-sc.py and eval-4-subject-sc.py take box 0 for every subject."""
+    if len(categories) == 2 and categories[0] == categories[1]:
+        return k
+    return 0
 
+
+STRICT_CANDIDATES = 3  # strict considers the best-scoring boxes, this many per subject of the category
+
+
+def psr_reward(images, refs, categories, detector, embed, mode="strict", batch_size=None):
+    """Per image: mean over subjects of cos(DINO(generated crop i), DINO(reference crop i)).
+
+    images: list of PIL; refs: list (per image) of lists of PIL; categories: same shape as refs.
+    Returns {"score": [B], "per_subject": [[...], ...], "found": [[bool, ...], ...]}. `mode` may
+    also be a tuple of modes: detection and embedding then run once and {mode: result} comes back.
+    """
+    modes = (mode,) if isinstance(mode, str) else tuple(mode)
+    if any(md not in ("strict", "official") for md in modes):
+        raise ValueError(f"mode must be strict or official, got {mode!r}")
+    ref_feats = reference_features(refs, categories, detector, embed)  # [sum of subjects, D]
+    dets = detector(images, categories, batch_size=batch_size or max(1, len(images)))
+    # The regions both modes may need, each embedded once: the whole image (official's fallback),
+    # and per category the boxes official can take plus strict's candidates.
+    regions, where = [], {}  # where[(i, caption)] = {box index: region row}; where[(i, None)] = whole-image row
+    for i, (im, cats, det) in enumerate(zip(images, categories, dets)):
+        where[(i, None)] = len(regions)
+        regions.append((im, None))
+        for key in dict.fromkeys(label(c) for c in cats):
+            boxes = det.get(key, [])
+            want = set(range(min(len(boxes), len(cats)))) if "official" in modes else set()
+            if "strict" in modes:
+                n = STRICT_CANDIDATES * sum(label(c) == key for c in cats)
+                want |= set(sorted(range(len(boxes)), key=lambda j: -boxes[j][1])[:n])
+            where[(i, key)] = {}
+            for j in sorted(want):
+                if crop_box(boxes[j][0], im.size) is not None:  # an empty crop is no region
+                    where[(i, key)][j] = len(regions)
+                    regions.append((im, boxes[j][0]))
+    feats = embed.regions(regions)  # [regions, D]
+    out = {md: {"score": [], "per_subject": [], "found": []} for md in modes}
+    r0 = 0
+    for i, cats in enumerate(categories):
+        rf = ref_feats[r0: r0 + len(cats)]  # [subjects of image i, D]
+        r0 += len(cats)
+        for md in modes:
+            sub, hit = (official_pairing if md == "official" else strict_pairing)(i, cats, rf, feats, where)
+            out[md]["per_subject"].append(sub)
+            out[md]["found"].append(hit)
+            out[md]["score"].append(sum(sub) / len(sub))
+    return out[mode] if isinstance(mode, str) else out
+
+
+def official_pairing(i, cats, rf, feats, where):
+    """The authors' scoring: subject k takes box official_box_index of its category; when that box
+    does not exist (or crops to nothing) the whole generated image stands in."""
+    sub, hit = [], []
+    for k, c in enumerate(cats):
+        row = where[(i, label(c))].get(official_box_index(cats, k))
+        hit.append(row is not None)
+        sub.append(float(rf[k] @ feats[where[(i, None)] if row is None else row]))
+    return sub, hit
+
+
+def strict_pairing(i, cats, rf, feats, where):
+    """Boxes go one-to-one to same-category subjects by best similarity; a subject left out scores 0."""
+    keys = [label(c) for c in cats]
+    sub, hit = [0.0] * len(keys), [False] * len(keys)
+    for key in dict.fromkeys(keys):
+        subj = [k for k, c in enumerate(keys) if c == key]
+        rows = list(where[(i, key)].values())
+        if not rows:
+            continue
+        sim = rf[subj] @ feats[rows].T  # [subjects of this category, candidate boxes]
+        for s, j in zip(subj, best_assignment(sim.numpy())):
+            if j is not None:
+                sub[s], hit[s] = float(sim[subj.index(s), j]), True
+    return sub, hit
+
+
+def best_assignment(sim):
+    """One-to-one subjects -> boxes maximizing summed similarity (at most 4 subjects: brute force)."""
+    n_subj, n_box = sim.shape
+    best, best_perm = -float("inf"), None
+    if n_box >= n_subj:
+        for perm in itertools.permutations(range(n_box), n_subj):
+            total = sum(sim[i, j] for i, j in enumerate(perm))
+            if total > best:
+                best, best_perm = total, perm
+        return list(best_perm)
+    # fewer boxes than subjects: each box goes to one subject, the rest get none
+    assign = [None] * n_subj
+    for subjects in itertools.permutations(range(n_subj), n_box):
+        total = sum(sim[s, j] for j, s in enumerate(subjects))
+        if total > best:
+            best, best_perm = total, subjects
+    for j, s in enumerate(best_perm):
+        assign[s] = j
+    return assign
 
 
 # ----------------------------------------------------------------------------------------------
-# Detection: Grounding DINO, all of an image's categories in one text prompt, images batched.
+# Detection: Grounding DINO, one caption per category, images batched.
+
+def label(category):
+    """The key a detector answers a category under: stripped and lowercased."""
+    return category.strip().lower()
+
+
+def caption(category):
+    """Grounding DINO's caption for one category, as its predict() builds it: lowercased, stripped,
+    "." appended unless already there."""
+    c = label(category)
+    return c if c.endswith(".") else c + "."
+
 
 class Detector:
-    """images + per-image category lists -> per image {category: [(box, score), ...] best first}."""
+    """images + per-image category lists -> per image {label(category): [(box, score), ...]} in
+    the model's query order. Each category is its own detector call (its own caption), as the
+    authors detect each subject; the calls of all images and categories are batched."""
 
     def __init__(self, name="IDEA-Research/grounding-dino-tiny", device="cpu", box_threshold=0.35,
                  text_threshold=0.25, tiny_dir="tiny-models"):
@@ -121,56 +313,49 @@ class Detector:
             return
         self.processor = AutoProcessor.from_pretrained(path)
         self.model = GroundingDinoForObjectDetection.from_pretrained(path).to(device).eval()
+        # text_threshold only labels phrases in Grounding DINO's predict(); with one category per
+        # caption there is nothing to label, so it removes no box (it is kept for the record)
         self.device, self.box_threshold, self.text_threshold = device, box_threshold, text_threshold
 
     @torch.no_grad()
     def __call__(self, images, categories, batch_size=16):
-        """Batches images of one size together: padding an image to its batch's size changes what
-        the backbone sees, so a mixed-size batch would not give the one-at-a-time answer."""
+        """Batches (image, caption) calls of one image size together: padding an image to its batch's
+        size changes what the backbone sees, so a mixed-size batch would not give the single answer."""
         if self.segmenter is not None:
             return self.segmenter(images, categories, batch_size)
+        calls = [(i, cap) for i, cats in enumerate(categories) for cap in dict.fromkeys(map(label, cats))]
         by_size = {}
-        for i, im in enumerate(images):
-            by_size.setdefault(im.size, []).append(i)
-        out = [None] * len(images)
+        for n, (i, _) in enumerate(calls):
+            by_size.setdefault(images[i].size, []).append(n)
+        out = [{} for _ in images]
         for idx in by_size.values():
             for j in range(0, len(idx), batch_size):
-                chunk = idx[j: j + batch_size]
-                for i, res in zip(chunk, self._detect([images[i] for i in chunk], [categories[i] for i in chunk])):
-                    out[i] = res
+                chunk = [calls[n] for n in idx[j: j + batch_size]]
+                for (i, cap), boxes in zip(chunk, self._detect(images, chunk)):
+                    out[i][cap] = boxes
         return out
 
-    def _detect(self, images, categories):
-        """Keeps queries whose best token probability passes box_threshold (as Grounding DINO does),
-        and labels each with the category whose own tokens score highest, if that passes
-        text_threshold. Reading categories from their token spans, rather than decoding a phrase,
-        keeps one box from being read as two categories."""
-        labels = [list(dict.fromkeys(c.strip().lower() for c in cats)) for cats in categories]
-        texts = [". ".join(lab) + "." for lab in labels]
-        inputs = self.processor(images=[im.convert("RGB") for im in images], text=texts, return_tensors="pt",
-                                padding=True).to(self.device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        offsets = self.processor.tokenizer(texts, return_offsets_mapping=True, padding=True)["offset_mapping"]
+    def _detect(self, images, calls):
+        """calls: (image index, caption) pairs of images of one size -> their boxes, query order.
+        A query survives when its highest token probability exceeds box_threshold (predict()'s rule);
+        its box is scaled to pixels, then converted from centre format (predict()'s order of ops)."""
+        uniq = list(dict.fromkeys(i for i, _ in calls))
+        px = self.processor.image_processor(images=[images[i].convert("RGB") for i in uniq], return_tensors="pt")
+        take = torch.tensor([uniq.index(i) for i, _ in calls])  # each image preprocessed once, used per caption
+        text = self.processor.tokenizer([caption(cap) for _, cap in calls], return_tensors="pt", padding=True)
+        inputs = {**{k: v.to(self.device) for k, v in text.items()},
+                  "pixel_values": px["pixel_values"][take].to(self.device, self.model.dtype),
+                  "pixel_mask": px["pixel_mask"][take].to(self.device)}
         outputs = self.model(**inputs)
-        probs = outputs.logits.sigmoid().float().cpu()                      # [B, queries, text tokens]
-        cx, cy, w, h = outputs.pred_boxes.float().cpu().unbind(-1)           # normalized centre format
-        corners = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
+        probs = outputs.logits.sigmoid().float().cpu()  # [calls, queries, text tokens]; padding tokens are -inf -> 0
+        best = probs.max(-1).values                     # [calls, queries]
+        w, h = images[calls[0][0]].size
+        cx, cy, bw, bh = (outputs.pred_boxes.float().cpu() * torch.tensor([w, h, w, h])).unbind(-1)
+        corners = torch.stack([cx - 0.5 * bw, cy - 0.5 * bh, cx + 0.5 * bw, cy + 0.5 * bh], -1)  # [calls, queries, 4]
         found = []
-        for b, (im, lab) in enumerate(zip(images, labels)):
-            spans, pos = [], 0
-            for c in lab:
-                spans.append([t for t, (s, e) in enumerate(offsets[b]) if e > s and s >= pos and e <= pos + len(c)])
-                pos += len(c) + 2
-            cat_scores = torch.stack([probs[b][:, idx].max(-1).values for idx in spans])  # [C, queries]
-            keep = probs[b].max(-1).values > self.box_threshold
-            best, which = cat_scores.max(0)
-            scale = torch.tensor([im.size[0], im.size[1], im.size[0], im.size[1]], dtype=torch.float32)
-            per_cat = {c: [] for c in lab}
-            for q in torch.nonzero(keep & (best > self.text_threshold)).flatten().tolist():
-                per_cat[lab[which[q]]].append((tuple((corners[b, q] * scale).tolist()), float(best[q])))
-            for c in per_cat:
-                per_cat[c].sort(key=lambda bs: -bs[1])
-            found.append(per_cat)
+        for b in range(len(calls)):
+            keep = torch.nonzero(best[b] > self.box_threshold).flatten().tolist()
+            found.append([(tuple(corners[b, q].tolist()), float(best[b, q])) for q in keep])
         return found
 
 
@@ -265,32 +450,12 @@ class SegmenterDetector:
 
 
 # ----------------------------------------------------------------------------------------------
-# DINO embedding: resize 256 (shorter side, bicubic), centre crop 224, ImageNet mean/std, CLS token.
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def dino_preprocess(images):
-    """PIL images -> [B,3,224,224], the preprocessing of DINO's evaluation (the PIL reference path)."""
-    out = []
-    for im in images:
-        im = im.convert("RGB")
-        w, h = im.size
-        s = 256 / min(w, h)
-        nw, nh = max(1, round(w * s)), max(1, round(h * s))
-        im = im.resize((nw, nh), Image.BICUBIC)
-        left, top = int(round((nw - 224) / 2.0)), int(round((nh - 224) / 2.0))
-        im = im.crop((left, top, left + 224, top + 224))
-        x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        out.append((x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None])
-    return torch.stack(out)
-
+# DINO embedding: the CLS token of the final normalized layer, on dino_pixels' input.
 
 class DinoEmbedder:
     """fast=True (CUDA) crops, resizes and normalizes every region in one Triton launch
-    (kernels/reward_ops.py) instead of the PIL loop; its bicubic is PyTorch's, not PIL's, so the
-    benchmark keeps the PIL path for numbers comparable with the official scoring."""
+    (kernels/reward_ops.py) that reproduces dino_pixels (PIL's fixed-point bicubic with its
+    antialiasing), so training on the GPU and the benchmark see the same DINO input."""
 
     def __init__(self, name="facebook/dino-vits16", device="cpu", tiny_dir="tiny-models", fast=False):
         from transformers import ViTModel
@@ -301,157 +466,46 @@ class DinoEmbedder:
 
     @torch.no_grad()
     def features(self, pixels, batch_size=64):
+        """[N, 3, 224, 224] normalized pixels -> [N, D] L2-normalized CLS features (on the CPU)."""
         feats = [self.model(pixel_values=pixels[i: i + batch_size].to(self.device, self.model.dtype))
                  .last_hidden_state[:, 0].float() for i in range(0, len(pixels), batch_size)]
         return F.normalize(torch.cat(feats), dim=-1).cpu()
 
     def __call__(self, images):
         """PIL images -> L2-normalized CLS features [B, D]."""
-        if not images:
-            return torch.zeros(0, self.model.config.hidden_size)
-        return self.features(dino_preprocess(images))
+        return self.regions([(im, None) for im in images])
 
     def regions(self, pairs):
-        """(PIL image, box or None) pairs -> features of each region (None: the whole image)."""
+        """(PIL image, box or None) pairs -> [len(pairs), D] features of each region (None: whole)."""
         if not pairs:
             return torch.zeros(0, self.model.config.hidden_size)
         if not self.fast:
-            return self([crop(im, box) if box is not None else im for im, box in pairs])
-        from kernels.reward_ops import crop_resize_normalize, int_boxes
+            return self.features(dino_preprocess([im for im, _ in pairs], [b for _, b in pairs]))
+        from kernels.reward_ops import crop_resize_normalize
 
-        uniq = list(dict.fromkeys(id(im) for im, _ in pairs))
+        # one uint8 stack per image size; each region is (index into its stack, pixel box)
         first = {id(im): im for im, _ in pairs}
         by_size = {}
-        for u in uniq:
-            by_size.setdefault(first[u].size, []).append(u)
+        for u, im in first.items():
+            by_size.setdefault(im.size, []).append(u)
         feats = torch.zeros(len(pairs), self.model.config.hidden_size)
         for size, ids in by_size.items():
             stack = torch.stack([torch.from_numpy(np.asarray(first[u].convert("RGB"))) for u in ids]).to(self.device)
             rows = [j for j, (im, _) in enumerate(pairs) if im.size == size]
             index = torch.tensor([ids.index(id(pairs[j][0])) for j in rows], device=self.device)
-            boxes = int_boxes([pairs[j][1] or (0, 0, *size) for j in rows], [size] * len(rows))
+            boxes = [crop_box(pairs[j][1], size) if pairs[j][1] is not None else None for j in rows]
+            boxes = [b or (0, 0, *size) for b in boxes]  # None or empty: the whole image, as crop() does
             feats[rows] = self.features(crop_resize_normalize(stack, index, boxes))
         return feats
 
 
-def crop(image, box):
-    x1, y1, x2, y2 = box
-    w, h = image.size
-    x1, y1 = max(0, int(math.floor(x1))), max(0, int(math.floor(y1)))
-    x2, y2 = min(w, int(math.ceil(x2))), min(h, int(math.ceil(y2)))
-    if x2 - x1 < 2 or y2 - y1 < 2:
-        return image
-    return image.crop((x1, y1, x2, y2))
-
-
-# ----------------------------------------------------------------------------------------------
-# The Pairwise Subject-Consistency Reward.
-
-def reference_features(refs, categories, detector, embed):
-    """Reference k is cropped to its own category's top box (the whole reference if none is found)
-    and embedded. A reference shared by several images (an RL group) is detected and embedded once."""
-    flat = [(r, c.strip().lower()) for rs, cs in zip(refs, categories) for r, c in zip(rs, cs)]
-    unique = list(dict.fromkeys((id(r), c) for r, c in flat))
-    first = {}
-    for r, c in flat:
-        first.setdefault((id(r), c), r)
-    dets = detector([first[u] for u in unique], [[u[1]] for u in unique]) if unique else []
-    regions = []
-    for u, det in zip(unique, dets):
-        boxes = det.get(u[1], [])
-        regions.append((first[u], boxes[0][0] if boxes else None))
-    feats = embed.regions(regions)
-    row = {u: i for i, u in enumerate(unique)}
-    return feats[[row[(id(r), c)] for r, c in flat]] if flat else feats
-
-
-def best_assignment(sim):
-    """One-to-one subjects -> boxes maximizing summed similarity (at most 4 subjects: brute force)."""
-    n_subj, n_box = sim.shape
-    best, best_perm = -float("inf"), None
-    if n_box >= n_subj:
-        for perm in itertools.permutations(range(n_box), n_subj):
-            total = sum(sim[i, j] for i, j in enumerate(perm))
-            if total > best:
-                best, best_perm = total, perm
-        return list(best_perm)
-    # fewer boxes than subjects: each box goes to one subject, the rest get none
-    assign = [None] * n_subj
-    for subjects in itertools.permutations(range(n_subj), n_box):
-        total = sum(sim[s, j] for j, s in enumerate(subjects))
-        if total > best:
-            best, best_perm = total, subjects
-    for j, s in enumerate(best_perm):
-        assign[s] = j
-    return assign
-
-
-def psr_reward(images, refs, categories, detector, embed, mode="strict", batch_size=None):
-    """Per image: mean over subjects of cos(DINO(generated crop i), DINO(reference crop i)).
-
-    images: list of PIL; refs: list (per image) of lists of PIL; categories: same shape as refs.
-    Returns {"score": [B], "per_subject": [[...], ...], "found": [[bool, ...], ...]}. `mode` may
-    also be a tuple of modes: detection and embedding then run once and {mode: result} comes back.
-    """
-    modes = (mode,) if isinstance(mode, str) else tuple(mode)
-    if any(md not in ("strict", "official") for md in modes):
-        raise ValueError(f"mode must be strict or official, got {mode!r}")
-    ref_feats = reference_features(refs, categories, detector, embed)
-    dets = detector(images, categories, batch_size=batch_size or max(1, len(images)))
-    # every detected box of every asked category, plus the whole image for official's fallback
-    regions, where = [], {}  # where[(image, category)]: rows of its boxes, best first; (image, None): whole
-    for i, (im, cats, det) in enumerate(zip(images, categories, dets)):
-        if "official" in modes:
-            where[(i, None)] = [len(regions)]
-            regions.append((im, None))
-        for key in dict.fromkeys(c.strip().lower() for c in cats):
-            where[(i, key)] = list(range(len(regions), len(regions) + len(det.get(key, []))))
-            regions += [(im, box) for box, _ in det.get(key, [])]
-    feats = embed.regions(regions)
-    out = {md: {"score": [], "per_subject": [], "found": []} for md in modes}
-    r0 = 0
-    for i, cats in enumerate(categories):
-        keys = [c.strip().lower() for c in cats]
-        rf = ref_feats[r0: r0 + len(cats)]
-        r0 += len(cats)
-        for md in modes:
-            sub, hit = (official_pairing if md == "official" else strict_pairing)(i, keys, rf, feats, where)
-            out[md]["per_subject"].append(sub)
-            out[md]["found"].append(hit)
-            out[md]["score"].append(sum(sub) / len(sub))
-    return out[mode] if isinstance(mode, str) else out
-
-
-def official_pairing(i, keys, rf, feats, where):
-    """The released scoring: the j-th subject of a category takes the j-th box, else the whole image."""
-    sub, hit, seen = [], [], {}
-    for k, key in enumerate(keys):
-        j = seen.get(key, 0)
-        seen[key] = j + 1
-        rows = where[(i, key)]
-        hit.append(j < len(rows))
-        sub.append(float(rf[k] @ feats[rows[j] if j < len(rows) else where[(i, None)][0]]))
-    return sub, hit
-
-
-def strict_pairing(i, keys, rf, feats, where):
-    """Boxes go one-to-one to same-category subjects by best similarity; a subject left out scores 0."""
-    sub, hit = [0.0] * len(keys), [False] * len(keys)
-    for key in dict.fromkeys(keys):
-        subj = [k for k, c in enumerate(keys) if c == key]
-        rows = where[(i, key)]
-        if not rows:
-            continue
-        sim = rf[subj] @ feats[rows].T  # [subjects of this category, boxes]
-        for s, j in zip(subj, best_assignment(sim.numpy())):
-            if j is not None:
-                sub[s], hit[s] = float(sim[subj.index(s), j]), True
-    return sub, hit
-
-
 # ----------------------------------------------------------------------------------------------
 # Semantic alignment judge: Qwen2.5-VL, "[Thought]: ... [Score]: ...", 0-10.
+#
+# Templates: with --judge_templates DIR, the authors' own prompts, read from their
+# eval/semantic-alignment/<subset>-alignment.py files; without, our wording below.
 
+# Our wording (not the authors'): what the judge should look at, per subset.
 JUDGE_FOCUS = {
     "attribute": "whether each subject carries exactly the attributes the instruction gives it, and no subject "
                  "carries another's",
@@ -459,66 +513,84 @@ JUDGE_FOCUS = {
     "background": "whether the scene and background are the ones the instruction asks for",
     "generic": "whether every subject the instruction names is present and everything it asks for is shown",
 }
-JUDGE_TEMPLATE = (
+JUDGE_TEMPLATE = (  # our wording, used when no --judge_templates is given
     "You are grading an image produced from an instruction.\nInstruction: {instruction}\n"
     "Judge {focus}. Ignore image quality. Reason briefly, then give an integer score from 0 (not followed) "
     "to 10 (perfectly followed), in exactly this format:\n[Thought]: <your reasoning>\n[Score]: <0-10>")
 
 
 def subset_key(subset):
+    """Attribute, Action, Background have their own template; Complex, Three, Four the all-content one."""
     s = (subset or "").lower()
     return s if s in ("attribute", "action", "background") else "generic"
 
 
+def read_task_string(path):
+    """The `self.task = '''...'''` string of one of the authors' scorer files, read with ast (their
+    code is never run: it opens an OpenAI client at import)."""
+    for node in ast.walk(ast.parse(Path(path).read_text())):
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            if any(isinstance(t, ast.Attribute) and t.attr == "task" for t in node.targets):
+                return node.value.value
+    return None
+
+
 def load_judge_templates(folder):
-    """Templates from a checkout of the official scripts: `<subset>.txt` files, or string constants of
-    .py files whose names contain the subset; each holds an {instruction} (or {prompt}) placeholder."""
+    """{subset key: template} from the authors' `<name>-alignment.py` files anywhere under `folder`.
+    four-alignment.py (all content) serves Complex, Three and Four; position-alignment.py has no
+    judge prompt (Position is scored by geometry)."""
     folder, found = Path(folder), {}
     if not folder.is_dir():
         raise SystemExit(f"--judge_templates {folder}: not a folder")
-    for key in ("attribute", "action", "background", "generic"):
-        txt = folder / f"{key}.txt"
-        if txt.exists():
-            found[key] = txt.read_text()
-    for py in sorted(folder.rglob("*.py")):
-        for node in ast.parse(py.read_text()).body:
-            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
-                for t in node.targets:
-                    for key in ("attribute", "action", "background", "generic"):
-                        if isinstance(t, ast.Name) and key in t.id.lower() and key not in found:
-                            found[key] = node.value.value
+    names = {"attribute": "attribute", "action": "action", "background": "background", "four": "generic"}
+    for py in sorted(folder.rglob("*-alignment.py")):
+        key = names.get(py.name[: -len("-alignment.py")].lower())
+        task = read_task_string(py) if key else None
+        if task is not None and key not in found:
+            found[key] = task
     if not found:
-        raise SystemExit(f"--judge_templates {folder}: found no template (attribute|action|background|generic)")
+        raise SystemExit(f"--judge_templates {folder}: no <subset>-alignment.py with a self.task string under it")
     return found
 
 
 def judge_prompt(instruction, subset, templates=None):
+    """The authors' template filled by str.format (their `self.task.format(p)`), else ours."""
     key = subset_key(subset)
-    if templates and (key in templates or "generic" in templates):
+    if templates:
         t = templates.get(key, templates.get("generic"))
-        return t.replace("{instruction}", instruction).replace("{prompt}", instruction)
+        if t is not None:
+            return t.format(instruction)
     return JUDGE_TEMPLATE.format(instruction=instruction, focus=JUDGE_FOCUS[key])
 
 
-SCORE_RE = re.compile(r"\[\s*score\s*\]\s*[:：]?\s*\**\s*(-?\d+(?:\.\d+)?)", re.IGNORECASE)
+OFFICIAL_SCORE_RE = re.compile(r"\[Score\]:\s*([\d.]+)")  # the authors' extract_score pattern
+DROPPED = "dropped"
+
+
+def parse_judge_official(text):
+    """The authors' extract_score: the first `[Score]:` (case-sensitive) and the run of digits and
+    dots after it, float() of it, no clamping; 5 when nothing matches. When float() fails ("8.5.")
+    their try/except drops the item from the mean: DROPPED."""
+    m = OFFICIAL_SCORE_RE.search(text or "")
+    if m is None:
+        return 5.0
+    try:
+        return float(m.group(1))
+    except ValueError:
+        return DROPPED
+
+
+STRICT_SCORE_RE = re.compile(r"\[\s*score\s*\]\s*\**\s*[:：]?\s*\**\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
 
 
 def parse_judge(text):
-    """The number after "[Score]:", clamped to 0-10; None when there is none."""
-    m = SCORE_RE.search(text or "")
-    if not m:
-        return None
-    return min(10.0, max(0.0, float(m.group(1))))
-
-
-STRICT_SCORE_RE = re.compile(r"\[score\]\s*\**\s*[:：]\s*\**\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
-
-
-def parse_judge_strict(text):
-    """The `strict` reading: the first number after "[Score]" in any case, with ** or spaces around
-    ":" or "：", clamped to 0-10; None when there is none (the bench then scores the item 0)."""
+    """The `strict` reading (and RL's): the first number after "[Score]" in any case, with ** or
+    spaces around ":" or "：", clamped to 0-10; None when there is none."""
     m = STRICT_SCORE_RE.search(text or "")
     return None if m is None else min(10.0, max(0.0, float(m.group(1))))
+
+
+parse_judge_strict = parse_judge
 
 
 def image_data_url(image):
@@ -527,16 +599,18 @@ def image_data_url(image):
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def chat_endpoint(url, model, prompt, image=None, key="", temperature=0.2, max_tokens=512, retries=4,
+def chat_endpoint(url, model, prompt, image=None, key="", temperature=0.2, max_tokens=0, retries=4,
                   timeout=120.0, backoff=1.0, what="endpoint"):
     """One user turn (an optional image, then text) to an OpenAI-compatible /chat/completions;
-    retries with exponential backoff, then a clear error naming the URL."""
+    retries with exponential backoff, then a clear error naming the URL. max_tokens 0 sends no cap."""
     url = url.rstrip("/") + "/chat/completions"
     content = [{"type": "text", "text": prompt}]
     if image is not None:
         content.insert(0, {"type": "image_url", "image_url": {"url": image_data_url(image)}})
-    body = json.dumps({"model": model, "temperature": temperature, "max_tokens": max_tokens,
-                       "messages": [{"role": "user", "content": content}]}).encode()
+    body = {"model": model, "temperature": temperature, "messages": [{"role": "user", "content": content}]}
+    if max_tokens:
+        body["max_tokens"] = max_tokens
+    body = json.dumps(body).encode()
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
     err = None
     for attempt in range(retries):
@@ -553,13 +627,15 @@ def chat_endpoint(url, model, prompt, image=None, key="", temperature=0.2, max_t
 class EndpointJudge:
     """Any OpenAI-compatible chat endpoint (vLLM, sglang, ...): concurrent requests, retries with backoff."""
 
-    def __init__(self, url, model, key="", concurrency=16, max_tokens=512, retries=4, timeout=120.0, backoff=1.0):
+    def __init__(self, url, model, key="", concurrency=16, max_tokens=0, retries=4, timeout=120.0, backoff=1.0,
+                 temperature=0.2):
         self.url, self.model, self.key, self.concurrency = url, model, key, concurrency
         self.max_tokens, self.retries, self.timeout, self.backoff = max_tokens, retries, timeout, backoff
+        self.temperature = temperature
 
     def _ask(self, image, prompt):
-        return chat_endpoint(self.url, self.model, prompt, image, self.key, 0.2, self.max_tokens, self.retries,
-                             self.timeout, self.backoff, what="judge endpoint")
+        return chat_endpoint(self.url, self.model, prompt, image, self.key, self.temperature, self.max_tokens,
+                             self.retries, self.timeout, self.backoff, what="judge endpoint")
 
     def __call__(self, images, prompts):
         with cf.ThreadPoolExecutor(self.concurrency) as pool:
@@ -583,10 +659,14 @@ def vl_inputs(tok, image_processor, images, texts, device):
             "image_grid_thw": px["image_grid_thw"].to(device)}
 
 
-class LocalJudge:
-    """Qwen2.5-VL in this process, greedy decoding."""
+LOCAL_JUDGE_MAX_TOKENS = 4096  # "no cap" for in-process decoding: far past any [Thought] ... [Score] answer
 
-    def __init__(self, name, device="cpu", dtype=torch.float32, max_tokens=512, tiny_dir="tiny-models"):
+
+class LocalJudge:
+    """Qwen2.5-VL in this process, sampled at the authors' temperature (0.2), seeded per call."""
+
+    def __init__(self, name, device="cpu", dtype=torch.float32, max_tokens=0, tiny_dir="tiny-models",
+                 temperature=0.2, seed=0):
         from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
         path = tiny_path("judge", tiny_dir) if name == "tiny" else name
@@ -596,17 +676,22 @@ class LocalJudge:
         self.tok = AutoTokenizer.from_pretrained(path)
         self.ip = AutoImageProcessor.from_pretrained(path)
         self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device).eval()
-        self.device, self.max_tokens = device, max_tokens
+        self.device, self.max_tokens = device, max_tokens or LOCAL_JUDGE_MAX_TOKENS
+        self.temperature, self.seed = temperature, seed
 
     @torch.no_grad()
     def __call__(self, images, prompts, batch_size=8):
         if self.program is not None:
             return self.program(images, prompts, batch_size)
         out = []
-        for i in range(0, len(images), batch_size):
-            inp = vl_inputs(self.tok, self.ip, images[i: i + batch_size], prompts[i: i + batch_size], self.device)
-            gen = self.model.generate(**inp, max_new_tokens=self.max_tokens, do_sample=False)
-            out += self.tok.batch_decode(gen[:, inp["input_ids"].shape[1]:], skip_special_tokens=True)
+        with torch.random.fork_rng(devices=[self.device] if torch.device(self.device).type == "cuda" else []):
+            torch.manual_seed(self.seed)
+            for i in range(0, len(images), batch_size):
+                inp = vl_inputs(self.tok, self.ip, images[i: i + batch_size], prompts[i: i + batch_size], self.device)
+                sample = {"do_sample": True, "temperature": self.temperature, "top_k": 0, "top_p": 1.0} \
+                    if self.temperature > 0 else {"do_sample": False}
+                gen = self.model.generate(**inp, max_new_tokens=self.max_tokens, **sample)
+                out += self.tok.batch_decode(gen[:, inp["input_ids"].shape[1]:], skip_special_tokens=True)
         return out
 
 
@@ -626,11 +711,14 @@ def load_program_judge(folder, device="cpu"):
 
 
 def judge_scores(judge, images, instructions, subsets, templates=None, fallback=0.0, batch_size=8):
-    """0-10 per image, plus the raw answers and how many did not parse (reported, set to `fallback`)."""
+    """Per image: "score" (the strict reading, `fallback` when it finds no number: RL's term),
+    "strict" (0 when no number), "official" (the authors' reading: 5 when no match, DROPPED when
+    float() fails), the raw "answers", and "unparsed" (how many had no strict number)."""
     prompts = [judge_prompt(t, s, templates) for t, s in zip(instructions, subsets)]
     answers = judge(images, prompts) if isinstance(judge, EndpointJudge) else judge(images, prompts, batch_size)
     parsed = [parse_judge(a) for a in answers]
-    return {"score": [fallback if p is None else p for p in parsed], "answers": answers,
+    return {"score": [fallback if p is None else p for p in parsed], "strict": [p or 0.0 for p in parsed],
+            "official": [parse_judge_official(a) for a in answers], "answers": answers,
             "unparsed": sum(p is None for p in parsed)}
 
 
@@ -658,7 +746,7 @@ def build_hps_model(base, device, dtype):
     with torch.device(device):
         model = Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype)
         model.resize_token_embeddings(len(tok), mean_resizing=False)
-        head = hps_head(config.text_config.hidden_size).to(dtype)
+        head = hps_head(config.text_config.hidden_size).float()  # the head stays fp32
     return model, head, tok
 
 
@@ -721,7 +809,7 @@ class HPSv3:
         self.model.load_state_dict(body, strict=True)
         self.head.load_state_dict(head, strict=True)
         self.model.to(device, dtype).eval()
-        self.head.to(device, dtype).eval()
+        self.head.to(device, torch.float32).eval()
         if getattr(self.model, "lm_head", None) is not None and self.model.config.tie_word_embeddings:
             self.model.tie_weights()
         self.ip = AutoImageProcessor.from_pretrained(base, min_pixels=pixels, max_pixels=pixels)
@@ -731,17 +819,26 @@ class HPSv3:
     def text(self, caption):
         return self.prompt["INSTRUCTION"].replace("{text_prompt}", caption) + self.prompt["prompt_with_special_token"]
 
+    def hidden(self, inp):
+        """[B, L, hidden] of the text decoder. HPSv3's reward-model forward (transformers 4.45) builds
+        the input embeddings itself and calls the decoder without position ids, which then counts
+        0, 1, 2, ... along the sequence in all three rope sections; transformers 5 would give image
+        tokens their multimodal (t, h, w) indices instead. We pass the plain positions explicitly."""
+        b, n = inp["input_ids"].shape
+        pos = torch.arange(n, device=inp["input_ids"].device).view(1, 1, n).expand(3, b, n)
+        return self.model.model(**inp, position_ids=pos).last_hidden_state
+
     @torch.no_grad()
     def __call__(self, images, captions, batch_size=8):
         out = []
         for i in range(0, len(images), batch_size):
             inp = vl_inputs(self.tok, self.ip, images[i: i + batch_size],
                             [self.text(c) for c in captions[i: i + batch_size]], self.device)
-            hidden = self.model.model(**inp).last_hidden_state
+            hidden = self.hidden(inp)
             at = inp["input_ids"] == self.reward_id
             if not torch.all(at.sum(1) == 1):
                 raise RuntimeError("the HPSv3 prompt must hold the reward token exactly once per item")
-            out += self.head(hidden[at]).float()[:, 0].tolist()
+            out += self.head(hidden[at].float())[:, 0].tolist()  # the head runs in fp32, as the authors'
         return out
 
 
@@ -763,6 +860,8 @@ class RewardMix:
     concurrent: bool = True
 
     def __call__(self, images, refs, categories, instructions, subsets=None):
+        """-> {"reward": [B], "psr"/"judge"/"hps": [B] per term present, "judge_unparsed": how many
+        judge answers had no number this call (0 without a judge), "detail": each scorer's result}."""
         subsets = subsets or ["generic"] * len(images)
         jobs = {"psr": lambda: psr_reward(images, refs, categories, self.detector, self.embed, self.mode,
                                           self.batch_size)}
@@ -771,7 +870,7 @@ class RewardMix:
                                                  self.fallback, self.batch_size)
         if self.hps is not None:
             jobs["hps"] = lambda: {"score": self.hps(images, instructions, self.batch_size)}
-        if self.concurrent and len(jobs) > 1:
+        if self.concurrent and len(jobs) > 1:  # the three models are independent: overlap them
             with cf.ThreadPoolExecutor(len(jobs)) as pool:
                 futures = {k: pool.submit(f) for k, f in jobs.items()}
                 res = {k: f.result() for k, f in futures.items()}
@@ -782,7 +881,8 @@ class RewardMix:
         for k, w, s in zip(("psr", "judge", "hps"), self.weights, self.scales):
             if k in terms:
                 total += w * terms[k] / s
-        return {"reward": total.tolist(), **{k: t.tolist() for k, t in terms.items()}, "detail": res}
+        return {"reward": total.tolist(), **{k: t.tolist() for k, t in terms.items()},
+                "judge_unparsed": res["judge"]["unparsed"] if "judge" in res else 0, "detail": res}
 
 
 def build_reward_mix(cfg, device="cpu", dtype=torch.float32, with_judge=True, with_hps=True):
@@ -790,8 +890,10 @@ def build_reward_mix(cfg, device="cpu", dtype=torch.float32, with_judge=True, wi
     embed = DinoEmbedder(cfg.dino, device, cfg.tiny_dir)
     judge = None
     if with_judge:
-        judge = (EndpointJudge(cfg.judge_url, cfg.judge_model, cfg.judge_key, cfg.judge_concurrency, cfg.judge_max_tokens)
-                 if cfg.judge_url else LocalJudge(cfg.judge, device, dtype, cfg.judge_max_tokens, cfg.tiny_dir))
+        judge = (EndpointJudge(cfg.judge_url, cfg.judge_model, cfg.judge_key, cfg.judge_concurrency,
+                               cfg.judge_max_tokens, temperature=cfg.judge_temperature)
+                 if cfg.judge_url else LocalJudge(cfg.judge, device, dtype, cfg.judge_max_tokens, cfg.tiny_dir,
+                                                  cfg.judge_temperature, cfg.judge_seed))
     # an empty (or "none") hps_base or hps_ckpt leaves aesthetics out (mix.hps is None)
     with_hps = with_hps and all(str(v).strip().lower() not in ("", "none") for v in (cfg.hps_base, cfg.hps_ckpt))
     hps = HPSv3(cfg.hps_base, cfg.hps_ckpt, cfg.hps_prompt, device, dtype, cfg.hps_pixels, cfg.tiny_dir) if with_hps else None
@@ -846,26 +948,56 @@ def score_items(mix, base, items):
     return rows, failed
 
 
-def benchmark_batch(n, size=64, seed=123):
-    """n procedural images with 2 subjects each, their references, categories and instructions."""
-    from make_data import draw_sample
+SHAPES = ("circle", "square", "triangle", "diamond")
+COLORS = ((220, 40, 40), (40, 90, 220), (30, 160, 60), (230, 170, 20), (150, 60, 180))
 
+
+def draw_shape(draw, shape, box, color):
+    x1, y1, x2, y2 = box
+    if shape == "circle":
+        draw.ellipse(box, fill=color)
+    elif shape == "square":
+        draw.rectangle(box, fill=color)
+    elif shape == "triangle":
+        draw.polygon([((x1 + x2) / 2, y1), (x2, y2), (x1, y2)], fill=color)
+    else:
+        draw.polygon([((x1 + x2) / 2, y1), (x2, (y1 + y2) / 2), ((x1 + x2) / 2, y2), (x1, (y1 + y2) / 2)], fill=color)
+
+
+def benchmark_batch(n, size=64, seed=123):
+    """n images, each with 2 coloured shapes at random places and sizes on white (so detected boxes,
+    and the crops the reward resizes, vary in size), each shape's reference alone on its own
+    canvas, the two categories, and an instruction. Drawn with PIL, nothing else needed."""
+    import random
+    from PIL import ImageDraw
+
+    rng = random.Random(seed)
     images, refs, cats, instr = [], [], [], []
-    i = 0
-    while len(images) < n:
-        sid, task, text, subjects, target, rs, meta = draw_sample(i, seed, size, (1, 1, 1, 1, 1, 0, 0))
-        i += 1
-        if len(subjects) != 2:
-            continue
-        images.append(target)
+    for _ in range(n):
+        shapes = rng.sample(SHAPES, 2)
+        colors = rng.sample(COLORS, 2)
+        im = Image.new("RGB", (size, size), "white")
+        d = ImageDraw.Draw(im)
+        rs = []
+        for k, (shape, color) in enumerate(zip(shapes, colors)):
+            s = rng.randint(size // 5, size // 2)
+            x = rng.randint(k * size // 2, (k + 1) * size // 2 - s // 2) if s < size // 2 else k * size // 2
+            y = rng.randint(0, size - s)
+            draw_shape(d, shape, (x, y, min(size - 1, x + s), y + s), color)
+            ref = Image.new("RGB", (size, size), "white")
+            m = size // 8
+            draw_shape(ImageDraw.Draw(ref), shape, (m, m, size - m, size - m), color)
+            rs.append(ref)
+        images.append(im)
         refs.append(rs)
-        cats.append([s["shape"] for s in subjects])
-        instr.append(text)
+        cats.append(list(shapes))
+        instr.append(f"Put the {shapes[0]} to the left of the {shapes[1]}.")
     return images, refs, cats, instr
 
 
-def run_benchmark(cfg, device):
-    """The same batch scored batched and one image at a time, per term and in all; last line the speedup."""
+def run_benchmark(cfg, device, repeats=5):
+    """The same batch scored batched and one image at a time, per term and in all, `repeats` times;
+    the batched and looped scores must agree (1e-5); last line the median speedup."""
     mix = build_reward_mix(cfg, device)
     images, refs, cats, instr = benchmark_batch(cfg.n_images, 64 if cfg.preset == "tiny" else 512)
     terms = {"psr": lambda ims, rs, cs, ts, bs: psr_reward(ims, rs, cs, mix.detector, mix.embed, mix.mode, bs)["score"],
@@ -874,21 +1006,29 @@ def run_benchmark(cfg, device):
              "hps": lambda ims, rs, cs, ts, bs: mix.hps(ims, ts, bs)}
     if mix.hps is None:
         del terms["hps"]
-    res, secs = {}, {}
-    for name, fn in terms.items():
+    for fn in terms.values():
         fn(images[:2], refs[:2], cats[:2], instr[:2], 2)  # warm-up
-        t0 = time.perf_counter()
-        batched = fn(images, refs, cats, instr, len(images))
-        t1 = time.perf_counter()
-        single = [fn([im], [r], [c], [t], 1)[0] for im, r, c, t in zip(images, refs, cats, instr)]
-        t2 = time.perf_counter()
-        res[name], secs[name] = (batched, single), (t1 - t0, t2 - t1)
-        diff = max(abs(x - y) / max(1.0, abs(x)) for x, y in zip(batched, single))
-        print(f"[rewards] {name:5s}: batched {t1 - t0:.3f}s, one at a time {t2 - t1:.3f}s, "
-              f"x{(t2 - t1) / (t1 - t0):.2f}, max relative difference {diff:.1e}")
-    tb, ts = sum(v[0] for v in secs.values()), sum(v[1] for v in secs.values())
-    print(f"[rewards] {len(images)} images x 2 subjects, all three scorers: batched {tb:.3f}s, one at a time {ts:.3f}s")
-    print(f"speedup: {ts / tb:.2f}")
+    speedups = []
+    for rep in range(repeats):
+        tb = ts = 0.0
+        for name, fn in terms.items():
+            t0 = time.perf_counter()
+            batched = fn(images, refs, cats, instr, len(images))
+            t1 = time.perf_counter()
+            single = [fn([im], [r], [c], [t], 1)[0] for im, r, c, t in zip(images, refs, cats, instr)]
+            t2 = time.perf_counter()
+            tb, ts = tb + t1 - t0, ts + t2 - t1
+            diff = max(abs(x - y) / max(1.0, abs(x)) for x, y in zip(batched, single))
+            print(f"[rewards] run {rep}: {name:5s}: batched {t1 - t0:.3f}s, one at a time {t2 - t1:.3f}s, "
+                  f"x{(t2 - t1) / (t1 - t0):.2f}, max relative difference {diff:.1e}")
+            if diff > 1e-5:
+                raise SystemExit(f"[rewards] {name}: batched and one-at-a-time scores differ by {diff:.1e}")
+        speedups.append(ts / tb)
+        print(f"[rewards] run {rep}: {len(images)} images x 2 subjects, all scorers: batched {tb:.3f}s, "
+              f"one at a time {ts:.3f}s, x{ts / tb:.2f}")
+    print("[rewards] speedups: " + ", ".join(f"{s:.2f}" for s in speedups))
+    print(f"speedup: {float(np.median(speedups)):.2f}")
+    return speedups
 
 
 def main(cfg):

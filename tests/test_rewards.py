@@ -9,7 +9,6 @@ from PIL import Image
 import rewards
 import common
 import sft
-from make_data import draw_reference
 
 SUBJECTS = [{"shape": "star", "color": "red", "texture": "striped", "phase": 0},
             {"shape": "circle", "color": "blue", "texture": "dotted", "phase": 3}]
@@ -32,9 +31,17 @@ def hps(tiny_dir):
 
 
 def refs_for(subjects, seed=0):
-    import random
+    """A reference per subject: its shape in its colour on a 64x64 canvas, with a stripe."""
+    from PIL import ImageDraw
 
-    return [draw_reference(s, 64, random.Random(seed + k)) for k, s in enumerate(subjects)]
+    out = []
+    for k, s in enumerate(subjects):
+        im = Image.new("RGB", (64, 64), "white")
+        d = ImageDraw.Draw(im)
+        rewards.draw_shape(d, {"star": "diamond"}.get(s["shape"], s["shape"]), (8, 8, 56, 56), s["color"])
+        d.line([(8, 20 + 3 * s["phase"] + k + seed), (56, 30 + 3 * s["phase"])], fill="black", width=3)
+        out.append(im)
+    return out
 
 
 def paste(refs, boxes, size=(128, 96)):
@@ -122,8 +129,7 @@ def test_grounding_dino_batching_thresholds_and_boxes(detector):
             for (x1, y1, x2, y2), score in b[cat]:
                 n_boxes += 1
                 assert x1 < x2 and y1 < y2 and -1 <= x1 and x2 <= im.size[0] + 1 and y2 <= im.size[1] + 1
-                assert score > 0.25
-            assert [sc for _, sc in b[cat]] == sorted([sc for _, sc in b[cat]], reverse=True)
+                assert score > 0.35  # box_threshold; the text threshold removes nothing
     assert n_boxes > 0  # the tiny detector does fire at the paper's thresholds
     strict = rewards.Detector.__new__(rewards.Detector)
     strict.__dict__.update(detector.__dict__, box_threshold=0.999, text_threshold=0.25)
@@ -152,7 +158,7 @@ def test_hpsv3_loads_strictly_and_reads_the_reward_token(hps, tiny_dir):
     im = Image.new("RGB", (64, 64), (10, 200, 30))
     score = hps([im], ["the star and the circle"])[0]
     inp = rewards.vl_inputs(hps.tok, hps.ip, [im], [hps.text("the star and the circle")], "cpu")
-    hidden = hps.model.model(**inp).last_hidden_state[0]
+    hidden = hps.hidden(inp)[0]
     pos = (inp["input_ids"][0] == hps.reward_id).nonzero().item()
     assert pos < inp["input_ids"].shape[1] - 1  # "END" follows the token: the last position is not it
     assert score == pytest.approx(hps.head(hidden[pos])[0].item(), abs=1e-6)
@@ -177,19 +183,6 @@ def test_hps_prompt_is_read_not_imported(tmp_path):
     f.write_text('INSTRUCTION = "x"\n')
     with pytest.raises(SystemExit, match="not both found"):
         rewards.read_hps_prompt(str(f))
-
-
-@pytest.mark.parametrize("text,want", [
-    ("[Thought]: both subjects are there.\n[Score]: 8", 8.0),
-    ("[Thought]: fine [Score]:7.5", 7.5),
-    ("[thought] x [score] : **9**", 9.0),
-    ("[Score]: 14", 10.0),
-    ("[Thought]: no number here [Score]: high", None),
-    ("I would give it 6 out of 10", None),
-    ("", None),
-])
-def test_judge_parsing(text, want):
-    assert rewards.parse_judge(text) == want
 
 
 class ChatHandler(http.server.BaseHTTPRequestHandler):
@@ -222,6 +215,7 @@ def test_endpoint_judge_against_local_server():
         assert res["score"] == [9.0, -1.0, 3.0] and res["unparsed"] == 1
         body = ChatHandler.seen[0]
         assert body["model"] == "qwen-vl" and body["temperature"] == 0.2
+        assert "max_tokens" not in body  # no cap that could cut the answer before its score
         content = body["messages"][0]["content"]
         assert content[0]["image_url"]["url"].startswith("data:image/png;base64,")
         assert "put the cat on a sofa" in content[1]["text"] and "background" in content[1]["text"]
@@ -233,15 +227,6 @@ def test_unreachable_endpoint_is_a_clear_error():
     judge = rewards.EndpointJudge("http://127.0.0.1:9/v1", "m", retries=2, timeout=2, backoff=0.01)
     with pytest.raises(RuntimeError, match="judge endpoint http://127.0.0.1:9/v1/chat/completions failed after 2"):
         judge([Image.new("RGB", (8, 8))], ["x"])
-
-
-def test_judge_templates_from_a_checkout(tmp_path):
-    (tmp_path / "attribute.txt").write_text("ATTR {instruction} -> [Score]")
-    (tmp_path / "prompts.py").write_text('GENERIC_PROMPT = "GEN {prompt}"\n')
-    t = rewards.load_judge_templates(tmp_path)
-    assert rewards.judge_prompt("dog in hat", "attribute", t) == "ATTR dog in hat -> [Score]"
-    assert rewards.judge_prompt("dog in hat", "three", t) == "GEN dog in hat"
-    assert "dog in hat" in rewards.judge_prompt("dog in hat", "action")
 
 
 def test_local_judge_runs_and_counts_unparsed(tiny_dir):
@@ -285,3 +270,162 @@ def test_cli_scores_items_and_lists_failures(tmp_path, tiny_dir):
     assert [r["index"] for r in out["items"]] == [0, 1]
     assert out["failed"][0]["index"] == 2 and "missing.png" in out["failed"][0]["reason"]
     assert all(set(r) >= {"reward", "psr", "judge", "hps"} for r in out["items"])
+
+
+# ----------------------------------------------------------------------------------------------
+# The authors' scripts, point by point (github wang-shulei/PSR, eval/; lines of the files there).
+
+# extract_score (eval/semantic-alignment/attribute-alignment.py, lines 22-28): r"\[Score\]:\s*([\d.]+)",
+# case-sensitive, float() of the match, no clamp, 5 when nothing matches; main()'s try/except
+# (lines 86-93) drops an item whose float() raises.
+@pytest.mark.parametrize("text,official,strict", [
+    ("[Score]: **8**", 5.0, 8.0),       # "**" is not [\d.]: no match -> 5; strict reads through it
+    ("[score]: 7", 5.0, 7.0),           # case-sensitive -> 5; strict ignores case
+    ("[Score]: 85", 85.0, 10.0),        # no clamp; strict clamps to 0-10
+    ("[Score]: 8.5.", rewards.DROPPED, 8.5),  # float("8.5.") raises -> dropped
+    ("[Thought]: fine [Score]:7.5", 7.5, 7.5),
+    ("[Thought]: x [Score] ：9", 5.0, 9.0),  # full-width colon, space before it
+    ("[Thought]: no number here [Score]: high", 5.0, None),
+    ("", 5.0, None),
+])
+def test_judge_parsing(text, official, strict):
+    assert rewards.parse_judge_official(text) == official
+    assert rewards.parse_judge(text) == strict
+
+
+AUTHORS_SCORER = """from openai import OpenAI
+client = OpenAI(base_url="http://localhost:1/v1", api_key="psr")
+raise SystemExit("this file was executed")
+class QwenVLScorer:
+    def __init__(self):
+        self.task='''
+        KIND rules
+        [description]: {}
+        [Score]:
+        '''
+"""
+
+
+def test_judge_templates_from_a_checkout(tmp_path):
+    # the authors' layout: eval/semantic-alignment/<name>-alignment.py with the prompt in self.task
+    # (attribute-alignment.py lines 33-46), filled by self.task.format(p) (line 52)
+    folder = tmp_path / "PSR" / "eval" / "semantic-alignment"
+    folder.mkdir(parents=True)
+    for name in ("attribute", "four"):
+        (folder / f"{name}-alignment.py").write_text(AUTHORS_SCORER.replace("KIND", name.upper()))
+    t = rewards.load_judge_templates(tmp_path / "PSR")  # a folder above them; their code never runs
+    assert rewards.judge_prompt("dog in hat", "Attribute", t) == (
+        "\n        ATTRIBUTE rules\n        [description]: dog in hat\n        [Score]:\n        ")
+    assert "FOUR rules" in rewards.judge_prompt("dog in hat", "Three", t)   # the all-content template
+    assert "FOUR rules" in rewards.judge_prompt("dog in hat", "Action", t)  # no action file here
+    assert "dog in hat" in rewards.judge_prompt("dog in hat", "action")      # built-in wording
+    (tmp_path / "none").mkdir()
+    with pytest.raises(SystemExit, match="alignment.py"):
+        rewards.load_judge_templates(tmp_path / "none")
+
+
+class HandMadeDino:
+    """Grounding DINO's outputs written by hand (logits per query and token, boxes in centre
+    format), so the box-choice rule is tested on its own; records the captions it was given."""
+    dtype = torch.float32
+
+    def __init__(self, probs, boxes):
+        self.probs, self.boxes, self.captions = torch.tensor(probs), torch.tensor(boxes), []
+
+    def __call__(self, input_ids, pixel_values, **kw):
+        from types import SimpleNamespace
+
+        self.captions += [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in input_ids]
+        b, t = input_ids.shape
+        p = self.probs[None, :, :1].expand(b, -1, t).clone()
+        p[:, :, : self.probs.shape[1]] = self.probs[None, :, : t]
+        return SimpleNamespace(logits=torch.logit(p.clamp(1e-6, 1 - 1e-6)), pred_boxes=self.boxes[None].expand(b, -1, -1))
+
+
+def test_box_choice_is_query_order_and_captions_are_per_subject(detector):
+    # groundingdino/util/inference.py predict(): a query survives when logits.max(dim=1) > box_threshold,
+    # in query order; text_threshold only builds phrases. eval-2-subject-sc.py segment_pil takes
+    # input_boxes[0] of the survivors, after boxes * [w, h, w, h] and cxcywh -> xyxy (lines 118-121).
+    probs = [[0.30, 0.20, 0.10],   # query 0: best 0.30 < 0.35, dropped
+             [0.36, 0.10, 0.10],   # query 1: best 0.36 kept, though under the text threshold on the words
+             [0.10, 0.95, 0.10]]   # query 2: the highest score, but second in query order
+    boxes = [[0.5, 0.5, 0.2, 0.2], [0.25, 0.5, 0.5, 0.4], [0.75, 0.25, 0.3, 0.5]]
+    det = rewards.Detector.__new__(rewards.Detector)
+    det.__dict__.update(detector.__dict__, box_threshold=0.35, text_threshold=0.25)
+    det.model = HandMadeDino(probs, boxes)
+    det.model.tokenizer = detector.processor.tokenizer
+    im = Image.new("RGB", (100, 80), "white")
+    out = det([im], [["Dog", "cat"]])[0]
+    assert sorted(det.model.captions) == ["cat.", "dog."]  # one call per subject, its category alone
+    assert [b for b, _ in out["dog"]] == [pytest.approx((0.0, 24.0, 50.0, 56.0)), pytest.approx((60.0, 0.0, 90.0, 40.0))]
+    assert [s for _, s in out["dog"]] == [pytest.approx(0.36, abs=1e-5), pytest.approx(0.95, abs=1e-5)]
+
+
+def test_official_box_index_for_duplicate_categories():
+    # eval-2-subject-sc.py __call__: category1 == category2 -> segment_pil_samecategory with idx 0 and 1;
+    # eval-3/eval-4-subject-sc.py call segment_pil (box 0) for every subject
+    assert [rewards.official_box_index(["dog", "dog"], k) for k in range(2)] == [0, 1]
+    assert [rewards.official_box_index(["dog", "cat"], k) for k in range(2)] == [0, 0]
+    assert [rewards.official_box_index(["dog", "dog", "cat"], k) for k in range(3)] == [0, 0, 0]
+    assert [rewards.official_box_index(["dog"] * 4, k) for k in range(4)] == [0, 0, 0, 0]
+
+
+def test_three_subjects_of_one_category_share_box_zero_officially(embed):
+    twins = [dict(SUBJECTS[0], shape="circle"), dict(SUBJECTS[1]), dict(SUBJECTS[1], phase=6)]
+    refs = refs_for(twins)
+    im = paste(refs[:2], [LEFT, RIGHT])
+    det = fixed_detector({"circle": [RIGHT, LEFT]})
+    official = rewards.psr_reward([im], [refs], [["circle"] * 3], det, embed, "official")
+    f_right = embed([im.crop(RIGHT)])[0]
+    assert official["per_subject"][0] == pytest.approx([float(r @ f_right) for r in embed(refs)], abs=1e-6)
+
+
+def test_crop_rounding_is_the_authors():
+    # eval-2-subject-sc.py segment_pil lines 122-127: x1 = int(x1) ... result[y1:y2, x1:x2] (numpy slice)
+    assert rewards.crop_box((3.9, -0.5, 10.99, 8.2), (20, 20)) == (3, 0, 10, 8)   # int() truncates toward 0
+    assert rewards.crop_box((-3.2, 0, 20, 5), (20, 20)) == (17, 0, 20, 5)         # -3 counts from the far edge
+    assert rewards.crop_box((5, 5, 5.9, 9), (20, 20)) is None                    # empty: whole-image fallback
+    # torchvision Resize(256): the long side is int(256 * long / short); CenterCrop: int(round((n - 224) / 2))
+    assert rewards.resize_plan(30, 70) == (256, 597, 16, 186)   # 256*70/30 = 597.3; (597-224)/2 = 186.5 -> 186
+    assert rewards.resize_plan(70, 30) == (597, 256, 186, 16)
+    assert rewards.resize_plan(256, 300) == (256, 300, 16, 38)
+
+
+def test_crop_path_is_one_for_rl_and_bench():
+    # rl.py's GPU path (kernels.reward_ops, here its torch reference) and bench's PIL path give one DINO input
+    import numpy as np
+    from kernels import reward_ops as R
+
+    arr = np.random.default_rng(0).integers(0, 256, (1, 90, 700, 3), dtype=np.uint8)
+    im = Image.fromarray(arr[0])
+    boxes = [(3.2, 4.7, 50.1, 60.0), (5, 2, 600, 88), (-3.5, 0, 40, 40), (0, 0, 700, 90)]  # up, down (antialiased), wrapped
+    pil = rewards.dino_preprocess([im] * 4, boxes)
+    fast = R.crop_resize_normalize_reference(torch.from_numpy(arr), torch.zeros(4, dtype=torch.long),
+                                             R.int_boxes(boxes, [im.size] * 4))
+    assert (pil - fast).abs().max().item() < 1e-3
+
+
+def test_hpsv3_text_decoder_gets_sequential_positions(hps):
+    # HPSv3's reward-model forward under transformers 4.45 calls the decoder without position ids:
+    # positions 0..L-1 in all three rope sections, not Qwen2-VL's multimodal (t, h, w) indices
+    im = Image.new("RGB", (64, 64), (10, 200, 30))
+    inp = rewards.vl_inputs(hps.tok, hps.ip, [im], [hps.text("a star")], "cpu")
+    at = inp["input_ids"][0] == hps.reward_id
+    n = inp["input_ids"].shape[1]
+    with torch.no_grad():
+        plain = hps.model.model(**inp, position_ids=torch.arange(n).view(1, 1, n).expand(3, 1, n)).last_hidden_state
+        mrope = hps.model.model(**inp).last_hidden_state
+    score = hps([im], ["a star"])[0]
+    assert score == pytest.approx(hps.head(plain[0][at].float())[0, 0].item(), abs=1e-6)
+    assert score != pytest.approx(hps.head(mrope[0][at].float())[0, 0].item(), abs=1e-6)
+    assert all(p.dtype == torch.float32 for p in hps.head.parameters())
+
+
+def test_mix_counts_unparsed_judge_answers(detector, embed):
+    class Judge:
+        def __call__(self, images, prompts, batch_size=8):
+            return ["[Score]: 7", "no number"][: len(images)]
+
+    images, refs, cats, instr = rewards.benchmark_batch(2, 64)
+    res = rewards.RewardMix(detector, embed, Judge(), None)(images, refs, cats, instr)
+    assert res["judge"] == [7.0, 0.0] and res["judge_unparsed"] == 1
