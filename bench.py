@@ -7,10 +7,14 @@ Modes:
   results     --results DIR with <Subset>/<index>.png, or the subset JSONs with result_path filled
               in, so any model's outputs can be scored
 
-Dimensions (DESIGN section 8): subject consistency = R_PSR in `official` mode (and `strict` as a
-second column); semantic alignment = the geometry rule on Position, the judge's 0-10 / 10
-elsewhere; aesthetics = HPSv3 / 10. A failed item is listed with its reason; every mean says how
-many items it covers.
+Dimensions: subject consistency = R_PSR in `official` mode (the authors' box choice, as
+rewards.py states it) and `strict` as a second column; semantic alignment = a geometry rule on
+Position, the judge's 0-10 / 10 elsewhere; aesthetics = HPSv3 / 10. Two columns per dimension:
+  official  what the authors' scripts compute, with their denominators: an item whose image is
+            missing or unreadable, whose scoring raises, whose judge score is not a number, or whose
+            Position instruction names no direction leaves the mean (and is listed).
+  strict    every item counts: each of those scores 0 and stays in the denominator.
+Overall is the mean of the seven subset means, for every column.
 
 Run:
     python bench.py --preset tiny                               # builds a tiny PSRBench, scores runs/tiny-*
@@ -73,18 +77,27 @@ class Config(RewardConfig):
 
 
 # ----------------------------------------------------------------------------------------------
-# The Position rule, exactly as DESIGN section 8 states it.
+# The Position rule (the authors' eval/semantic-alignment/position-alignment.py).
+#
+# The relation is the first of DIRECTIONS, in this order, that occurs in the instruction
+# (case-sensitive); an instruction with none gets no score from the authors (the item leaves
+# the official mean; strict scores it 0). Category1 and category2 are each detected alone and
+# box 0 taken, coordinates int()-truncated. With dx, dy = centre2 - centre1 (image y points
+# down): "left of" needs dx > 0 and |dx| > |dy|, "right of" dx < 0 and |dx| > |dy|, "above" /
+# "on top of" dy > 0, "below" / "under" dy < 0; when the direction holds the score is 1 if the
+# boxes' IoU < 0.1, else 0.1 / IoU; otherwise 0. A missing box scores 0.
 
 DIRECTIONS = ("to the left of", "to the right of", "on the left of", "on the right of", "above", "on top of",
               "below", "under")
+# The authors' scoring function also has a distance rule for these, which their phrase list never
+# reaches: 1 if |dx| < 150 or |dy| < 150 pixels, else 150 / max(|dx|, |dy|).
 NEAR = ("next to", "near", "on side of")
 
 
 def find_relation(instruction):
-    """The first directional phrase of the list that occurs in the instruction, else a 'near' phrase."""
-    text = instruction.lower()
-    for phrase in DIRECTIONS + NEAR:
-        if phrase in text:
+    """The first phrase of DIRECTIONS in the instruction (case-sensitive), else None."""
+    for phrase in DIRECTIONS:
+        if phrase in instruction:
             return phrase
     return None
 
@@ -98,9 +111,8 @@ def iou(a, b):
 
 
 def position_score(relation, box1, box2):
-    """Boxes (x1, y1, x2, y2) in pixels, y down. dx, dy = centre2 - centre1."""
-    if relation is None:
-        return 0.0
+    """Boxes (x1, y1, x2, y2) in pixels, y down. dx, dy = centre2 - centre1. Any relation outside
+    DIRECTIONS and NEAR ("behind", None) scores 0, as in the authors' function."""
     dx = (box2[0] + box2[2]) / 2 - (box1[0] + box1[2]) / 2
     dy = (box2[1] + box2[3]) / 2 - (box1[1] + box1[3]) / 2
     if relation in NEAR:
@@ -111,12 +123,26 @@ def position_score(relation, box1, box2):
         ok = dx < 0 and abs(dx) > abs(dy)
     elif relation in ("above", "on top of"):
         ok = dy > 0
-    else:  # below, under
+    elif relation in ("below", "under"):
         ok = dy < 0
+    else:
+        return 0.0
     if not ok:
         return 0.0
     o = iou(box1, box2)
     return 1.0 if o < 0.1 else 0.1 / o
+
+
+def position_row(detector, image, instruction, cats):
+    """{"semantic_alignment": official (None: dropped), "semantic_alignment_strict", "relation"}."""
+    relation = find_relation(instruction)
+    det = detector([image, image], [[cats[0]], [cats[1]]])  # each category detected alone
+    b1, b2 = (d.get(c.strip().lower(), []) for d, c in zip(det, cats[:2]))
+    score = 0.0
+    if b1 and b2:  # the authors' box dicts hold int() coordinates
+        score = position_score(relation, [int(v) for v in b1[0][0]], [int(v) for v in b2[0][0]])
+    return {"semantic_alignment": None if relation is None else score,
+            "semantic_alignment_strict": 0.0 if relation is None else score, "relation": relation}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,15 +175,28 @@ def load_psrbench(folder, subsets, first_k=0):
     return bench
 
 
-def result_path(cfg, out, subset, index, item):
-    """Where item `index`'s image is: --results as JSONs with result_path, as a folder, or ours."""
+def results_jsons(results):
+    """--results as the authors' JSONs with result_path filled in: {subset: items}, each file read
+    once. One file scores only its own subset (named by the file, e.g. Position.json); a folder
+    holding <Subset>.json files gives each. {} when --results is a folder of images."""
+    res = Path(results)
+    if res.is_file():
+        subset = next((s for s in SUBSETS if s.lower() == res.stem.lower()), None)
+        if subset is None:
+            raise SystemExit(f"--results {res}: name the file after its subset ({', '.join(SUBSETS)})")
+        return {subset: json.loads(res.read_text())}
+    return {s: json.loads((res / f"{s}.json").read_text()) for s in SUBSETS if (res / f"{s}.json").exists()}
+
+
+def result_path(cfg, out, subset, index, item, jsons=None):
+    """Where item `index`'s image is: in --results' JSONs (a relative result_path is relative to where
+    the command runs, as the authors' scripts open it), in --results/<Subset>/<index>.png, or ours."""
     if cfg.results:
-        res = Path(cfg.results)
-        if res.is_file() or (res / f"{subset}.json").exists():
-            items = json.loads((res if res.is_file() else res / f"{subset}.json").read_text())
+        if jsons:
+            items = jsons.get(subset, [])
             rp = items[index].get("result_path") if index < len(items) else None
-            return Path(rp) if rp and Path(rp).is_absolute() else (res if res.is_dir() else res.parent) / (rp or "")
-        return res / subset / f"{index}.png"
+            return Path(rp) if rp else Path(f"<no result_path for {subset}[{index}]>")
+        return Path(cfg.results) / subset / f"{index}.png"
     return out / "images" / subset / f"{index}.png"
 
 
@@ -219,6 +258,7 @@ def generate_all(cfg, bench, folder, out, device):
 # Scoring.
 
 def score_item(mix, folder, image_path, subset, index, item):
+    """One item's row: both columns of every dimension. Official None: the item leaves that mean."""
     import rewards
 
     with Image.open(image_path) as im:
@@ -228,18 +268,15 @@ def score_item(mix, folder, image_path, subset, index, item):
     psr = rewards.psr_reward([image], [refs], [cats], mix.detector, mix.embed, ("official", "strict"))
     row = {"subject_consistency": psr["official"]["score"][0], "subject_consistency_strict": psr["strict"]["score"][0]}
     if subset == "Position":
-        det = mix.detector([image], [cats[:2]])[0]
-        b1, b2 = (det.get(c.strip().lower(), []) for c in cats[:2])
-        relation = find_relation(item["instruction"])
-        row["semantic_alignment"] = position_score(relation, b1[0][0], b2[0][0]) if b1 and b2 else 0.0
-        row["semantic_alignment_strict"] = row["semantic_alignment"]  # no relation phrase or no box: 0 already
-        row["relation"] = relation
+        row.update(position_row(mix.detector, image, item["instruction"], cats))
     else:
         j = rewards.judge_scores(mix.judge, [image], [item["instruction"]], [subset], mix.templates, mix.fallback)
-        row["semantic_alignment"] = j["score"][0] / 10
-        strict = rewards.parse_judge_strict(j["answers"][0])
-        row["semantic_alignment_strict"] = 0.0 if strict is None else strict / 10  # no number: 0, kept
+        official = j["official"][0]
+        row["semantic_alignment"] = None if official == rewards.DROPPED else official / 10  # published: /10
+        row["semantic_alignment_strict"] = j["strict"][0] / 10  # no number: 0, kept
         row["judge_unparsed"] = j["unparsed"]
+        if j["unparsed"] or official == rewards.DROPPED:
+            row["judge_answer"] = j["answers"][0]  # listed in report.md
     # without HPSv3 (a world that has no aesthetics model) the dimension is NaN, never a made-up 0
     row["aesthetics_raw"] = mix.hps([image], [item["instruction"]])[0] if mix.hps is not None else float("nan")
     row["aesthetics"] = row["aesthetics_raw"] / 10
@@ -251,9 +288,10 @@ def score_all(cfg, bench, folder, out, device):
 
     mix = rewards.build_reward_mix(cfg, device, common.model_dtype(device))
     items = [(s, i, it) for s in bench for i, it in enumerate(bench[s])]
+    jsons = results_jsons(cfg.results) if cfg.results else None
     rows = []
     for subset, i, item in tqdm(items[rank():: world()], desc="score", disable=rank() != 0):
-        path = result_path(cfg, out, subset, i, item)
+        path = result_path(cfg, out, subset, i, item, jsons)
         try:
             if not path.exists():
                 raise FileNotFoundError(f"no image at {path}")
@@ -271,8 +309,12 @@ def summarize(rows, subsets):
     out = {"subsets": {}, "overall": {}}
 
     def mean(rows_, d):
-        # strict columns keep every item, a failed one as 0; the others average the scored items
-        vals = [r.get(d, 0.0) if d in STRICT else r[d] for r in rows_ if d in STRICT or "failed" not in r]
+        # strict columns keep every item, a failed one as 0; the official ones average the items the
+        # authors' scripts keep (not failed, and not None: a dropped judge score or Position phrase)
+        if d in STRICT:
+            vals = [r.get(d, 0.0) for r in rows_]
+        else:
+            vals = [r[d] for r in rows_ if "failed" not in r and r.get(d) is not None]
         return float(np.mean(vals)) if vals else float("nan")
 
     for s in subsets:
@@ -282,6 +324,8 @@ def summarize(rows, subsets):
         entry["failed"] = [{"index": r["index"], "reason": r["failed"]} for r in rows
                            if r["subset"] == s and "failed" in r]
         entry["judge_unparsed"] = sum(r.get("judge_unparsed", 0) for r in ok)
+        entry["sa_dropped"] = sum(r.get("semantic_alignment", 0) is None for r in ok)  # left the official SA mean
+        entry["unparsed_answers"] = [{"index": r["index"], "answer": r["judge_answer"]} for r in ok if "judge_answer" in r]
         out["subsets"][s] = entry
     # overall = the mean of the subset means, so every subset weighs the same whatever its item count
     out["overall"] = {d: float(np.mean([out["subsets"][s][d] for s in subsets])) for d in DIMENSIONS}
@@ -312,6 +356,11 @@ def report_md(models):
             cells = [f"{sc['subsets'][s].get(dim, float('nan')):.3f} ({sc['subsets'][s]['n']})" if s in sc["subsets"] else "-"
                      for s in SUBSETS]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    unparsed = [(name, s, a) for name, sc in models for s, e in sc["subsets"].items() for a in e.get("unparsed_answers", [])]
+    if unparsed:
+        lines += ["", "Judge answers without a readable score (strict 0; official 5 when `[Score]:` is absent, "
+                  "dropped when its number does not parse):", ""]
+        lines += [f"- {n} {s}[{a['index']}]: {a['answer'][:300]!r}" for n, s, a in unparsed]
     failed = [(name, s, f) for name, sc in models for s, e in sc["subsets"].items() for f in e["failed"]]
     if failed:
         lines += ["", "Failed items:", ""] + [f"- {n} {s}[{f['index']}]: {f['reason']}" for n, s, f in failed]
@@ -355,9 +404,10 @@ def radar(models, size=360):
 
 def contact_sheet(cfg, bench, folder, out, per_subset=2):
     rows = []
+    jsons = results_jsons(cfg.results) if cfg.results else None
     for s in bench:
         for i, item in enumerate(bench[s][:per_subset]):
-            path = result_path(cfg, out, s, i, item)
+            path = result_path(cfg, out, s, i, item, jsons)
             refs = [common.open_image(folder, p, f"{s}/{i}") for p in item["input_path"]]
             try:
                 with Image.open(path) as im:
@@ -540,6 +590,8 @@ def main(cfg):
         raise SystemExit("give --psrbench DIR (the authors' PSRBench folder), or --build_psrbench true for the "
                          "procedural one")
     subsets = [s for s in cfg.subsets.split(",") if s]
+    if cfg.results and Path(cfg.results).is_file():  # one subset's JSON: score that subset only
+        subsets = list(results_jsons(cfg.results))
     unknown = [s for s in subsets if s not in SUBSETS]
     if unknown:
         raise SystemExit(f"unknown subset(s) {unknown}; PSRBench has {', '.join(SUBSETS)}")

@@ -9,13 +9,17 @@ import common
 SUBSETS = bench.SUBSETS
 
 
+# position-alignment.py GroundinoScorer.__call__: for each word of vocab_spatial, in its order,
+# `if word in p` (case-sensitive) -> the first found; a prompt with none adds no score (zip drops it)
 @pytest.mark.parametrize("instruction,relation", [
     ("Put the dog to the left of the cat", "to the left of"),
     ("the cat on the right of the dog, the dog above a box", "on the right of"),  # list order decides
+    ("the box is above the cat, which is to the left of it", "to the left of"),   # list order, not text order
     ("a hat on top of the bear", "on top of"),
     ("the cup under the table", "under"),
-    ("the dog next to the cat", "next to"),
-    ("two dogs near a tree", "near"),
+    ("the dog next to the cat", None),       # the near phrases are not in the authors' list
+    ("two dogs near a tree", None),
+    ("Put the dog To The Left Of the cat", None),  # case-sensitive
     ("a dog and a cat in a park", None),
 ])
 def test_find_relation(instruction, relation):
@@ -40,6 +44,7 @@ BELOW = (20, 300, 120, 400)   # centre (70, 350): dx = 20, dy = 300
     ("next to", A, RIGHT, 1.0),            # |dy| = 20 < 150
     ("near", (0, 0, 10, 10), (400, 500, 410, 510), 150 / 500),  # dx 400, dy 500: 150 / max
     ("on side of", A, A, 1.0),
+    ("behind", A, BELOW, 0.0),             # determine_position's else branch: 0 (not scored as "below")
     (None, A, RIGHT, 0.0),
 ])
 def test_position_score_rules(relation, b1, b2, want):
@@ -78,7 +83,7 @@ def test_psrbench_folder_has_the_authors_layout(psrbench):
     assert all(bench.find_relation(it["instruction"]) for it in pos)
 
 
-def test_generation_then_results_mode(tmp_path, psrbench, tiny_dir):
+def test_generation_then_results_mode(tmp_path, psrbench, tiny_dir, monkeypatch):
     gen = run(tmp_path, tiny_dir, "--psrbench", str(psrbench), "--out", str(tmp_path / "gen"))
     scores = json.loads((gen / "scores.json").read_text())
     assert set(scores["subsets"]) == set(SUBSETS)
@@ -107,6 +112,18 @@ def test_generation_then_results_mode(tmp_path, psrbench, tiny_dir):
         (jdir / f"{s}.json").write_text(json.dumps(items))
     res2 = run(tmp_path, tiny_dir, "--psrbench", str(psrbench), "--results", str(jdir), "--out", str(tmp_path / "r2"))
     assert json.loads((res2 / "scores.json").read_text())["overall"] == pytest.approx(scores["overall"])
+    # one subset's JSON alone, relative result_path read from where the command runs (the authors' README)
+    items = json.loads((psrbench / "Position.json").read_text())
+    for i, it in enumerate(items):
+        it["result_path"] = f"gen/images/Position/{i}.png"
+    (jdir / "Position.json").write_text(json.dumps(items))
+    monkeypatch.chdir(tmp_path)
+    res3 = run(tmp_path, tiny_dir, "--psrbench", str(psrbench), "--results", str(jdir / "Position.json"),
+               "--out", str(tmp_path / "r3"))
+    one = json.loads((res3 / "scores.json").read_text())
+    assert list(one["subsets"]) == ["Position"] and one["subsets"]["Position"]["failed"] == []
+    assert one["subsets"]["Position"]["semantic_alignment_strict"] == pytest.approx(
+        scores["subsets"]["Position"]["semantic_alignment_strict"])
 
 
 def test_missing_and_corrupt_results_are_listed(tmp_path, psrbench, tiny_dir):
@@ -217,3 +234,32 @@ def test_stitched_references_sit_side_by_side():
     s = bench.stitch([a, b])
     assert s.size == (64, 32)  # b scaled to the common height 32, then placed right of a
     assert s.getpixel((5, 5)) == (255, 0, 0) and s.getpixel((50, 5)) == (0, 0, 255)
+
+
+def test_position_rows_drop_officially_and_zero_strictly():
+    class Boxes:  # hand-made detector answers: category -> its boxes in query order
+        def __call__(self, images, categories, batch_size=None):
+            found = {"dog": [((0.9, 0, 100.7, 100), 0.5), ((500, 0, 600, 100), 0.9)], "cat": [((300, 20, 400, 120), 0.8)]}
+            return [{c.lower(): found.get(c.lower(), []) for c in cats} for cats in categories]
+    im = None
+    # box 0 of each (query order), int()-truncated: dog (0, 0, 100, 100), cat right of it -> "left of" holds
+    assert bench.position_row(Boxes(), im, "the dog to the left of the cat", ["dog", "cat"]) == {
+        "semantic_alignment": 1.0, "semantic_alignment_strict": 1.0, "relation": "to the left of"}
+    assert bench.position_row(Boxes(), im, "the dog beside the cat", ["dog", "cat"]) == {
+        "semantic_alignment": None, "semantic_alignment_strict": 0.0, "relation": None}
+    assert bench.position_row(Boxes(), im, "the dog above the bird", ["dog", "bird"])["semantic_alignment"] == 0.0
+    rows = [{"subset": "Position", "index": 0, **{d: 0.5 for d in bench.DIMENSIONS}},
+            {"subset": "Position", "index": 1, **{d: 0.5 for d in bench.DIMENSIONS},
+             "semantic_alignment": None, "semantic_alignment_strict": 0.0}]
+    e = bench.summarize(rows, ["Position"])["subsets"]["Position"]
+    assert e["semantic_alignment"] == pytest.approx(0.5) and e["semantic_alignment_strict"] == pytest.approx(0.25)
+    assert e["sa_dropped"] == 1
+
+
+def test_bench_takes_every_reward_knob():
+    cfg = common.parse_config(bench.Config, "bench", ["--judge_url", "http://h:8000/v1", "--judge_model", "q",
+                                                   "--judge_templates", "/t", "--weights", "0.5,0.3,0.2",
+                                                   "--hps_ckpt", "/ckpt/HPSv3.safetensors", "--mode", "official"])
+    assert (cfg.judge_url, cfg.judge_model, cfg.judge_templates, cfg.hps_ckpt) == ("http://h:8000/v1", "q", "/t",
+                                                                                 "/ckpt/HPSv3.safetensors")
+    assert tuple(cfg.weights) == (0.5, 0.3, 0.2) and cfg.mode == "official"
