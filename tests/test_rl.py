@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 import rl
@@ -25,6 +26,13 @@ def lr_contrast(images, *_):
         a = np.asarray(im.convert("L"), dtype=np.float32) / 255
         out.append(float(a[:, : a.shape[1] // 2].mean() - a[:, a.shape[1] // 2:].mean()))
     return {"reward": out}
+
+
+def nan_below(images, *_):
+    """lr_contrast, NaN for an image whose reward is under PSR_TEST_NAN_BELOW: which sample fails
+    depends on the image alone, not on how samples are batched over ranks."""
+    r = lr_contrast(images)["reward"]
+    return {"reward": [float("nan") if v < float(os.environ["PSR_TEST_NAN_BELOW"]) else v for v in r]}
 
 
 def nan_for_first(images, *_):
@@ -214,7 +222,7 @@ def test_optimizer_plan_shuffles_across_prompts():
         [[0, 1, 2, 3], [4, 5], [6, 7, 8, 9], [10, 11]]
 
 
-def run_rl(tmp, tiny_data, tiny_dir, out, *extra, nproc=1, die=None):
+def run_rl(tmp, tiny_data, tiny_dir, out, *extra, nproc=1, die=None, env=None):
     base = ["--preset", "tiny", "--data", str(tiny_data), "--out", str(out), "--tiny_dir", tiny_dir,
             "--sft_lora", "none", "--n_eval", "2", "--eval_every", "0", "--measure_overhead", "false", *extra]
     if nproc == 1:
@@ -222,7 +230,7 @@ def run_rl(tmp, tiny_data, tiny_dir, out, *extra, nproc=1, die=None):
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), str(ROOT / "rl.py"),
                *base, "--device", "cpu"]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), **(env or {})}
     if die:
         env["PSR_DIE_AT"] = die  # common.maybe_die kills the run there
     return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, env=env)
@@ -257,14 +265,18 @@ def held_out_rewards(root, loras, seeds, n_eval):
 def test_rl_learns_in_the_shapes_world(shapes_world, tmp_path):
     """Flow-GRPO on the world's SFT model raises the held-out reward by at least 3 times the
     seed-to-seed spread of the evaluation before any update. The reward is brightness: on the
-    world's PSR mix the rise over a CI-sized run is inside the noise (see README, the shapes world)."""
-    n_eval, seeds = 16, [0, 1, 2, 3]
+    world's PSR mix the rise over a CI-sized run is inside the noise (see README, the shapes world).
+    The run's own iteration-0 evaluation is the "before" of seed 0: it really precedes any update."""
+    n_eval, seeds, iters = 16, [0, 1, 2, 3], 15
     cfg = common.parse_config(rl.Config, "rl", world_rl_args(
-        shapes_world, tmp_path / "rl", "--iterations", "15", "--eval_every", "0", "--n_eval", str(n_eval),
-        "--optimizer_steps", "1", "--lr", "1e-3"))
+        shapes_world, tmp_path / "rl", "--iterations", str(iters), "--eval_every", str(iters), "--n_eval",
+        str(n_eval), "--optimizer_steps", "1", "--lr", "1e-3"))
     rl.main(cfg)
-    assert all(abs(r["ratio_first"] - 1) < 1e-5 for r in log(tmp_path / "rl"))
+    rows = log(tmp_path / "rl")
+    assert [r["iter"] for r in rows] == list(range(iters + 1)) and "reward_mean" not in rows[0]
+    assert all(r["ratio_first"] == 1.0 for r in rows[1:])  # the first batch of each iteration, as sampled
     before = held_out_rewards(shapes_world, [shapes_world / "sft" / "lora"], seeds, n_eval)
+    assert rows[0]["eval_reward"] == pytest.approx(before[0], abs=1e-6)
     after = held_out_rewards(shapes_world, [shapes_world / "sft" / "lora", tmp_path / "rl" / "lora"], seeds, n_eval)
     rise, spread = np.mean(after) - np.mean(before), np.std(before)
     print(f"held-out reward before {before}, after {after}: rise {rise:.4f}, spread {spread:.4f}")
@@ -272,7 +284,9 @@ def test_rl_learns_in_the_shapes_world(shapes_world, tmp_path):
 
 
 def test_killed_run_resumes_to_same_lora(tmp_path, tiny_data, tiny_dir):
-    args = ("--reward", "test_rl:lr_contrast", "--iterations", "4", "--prompts_per_iter", "2")
+    """SIGKILL at a random iteration, rerun: the same LoRA, and the log has each iteration once
+    (rows past the checkpoint are dropped by "iter"; row 0 is the evaluation before any update)."""
+    args = ("--reward", "test_rl:lr_contrast", "--iterations", "4", "--prompts_per_iter", "2", "--eval_every", "2")
     a = run_rl(tmp_path, tiny_data, tiny_dir, tmp_path / "a", *args)
     assert a.returncode == 0, a.stderr[-2000:]
     kill_at = random.randint(1, 3)  # a random iteration after some work
@@ -284,20 +298,86 @@ def test_killed_run_resumes_to_same_lora(tmp_path, tiny_data, tiny_dir):
     wa = load_file(tmp_path / "a" / "lora" / "pytorch_lora_weights.safetensors")
     wb = load_file(tmp_path / "b" / "lora" / "pytorch_lora_weights.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    assert [r["iter"] for r in log(tmp_path / "b")] == [1, 2, 3, 4]
+    rows = log(tmp_path / "b")
+    assert [r["iter"] for r in rows] == [0, 1, 2, 3, 4]
+    assert [r["iter"] for r in rows if "eval_reward" in r] == [0, 2, 4]
+    assert [r.get("rewards") for r in rows] == [r.get("rewards") for r in log(tmp_path / "a")]
+    assert (tmp_path / "b" / "curves.png").exists()
 
 
-def test_two_ranks_give_the_same_advantages(tmp_path, tiny_data, tiny_dir):
-    args = ("--reward", "test_rl:lr_contrast", "--iterations", "1", "--prompts_per_iter", "2", "--group_size", "4")
-    one = run_rl(tmp_path, tiny_data, tiny_dir, tmp_path / "one", *args)
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = run_rl(tmp_path, tiny_data, tiny_dir, tmp_path / "two", *args, nproc=2)
+# The multi-rank runs: G = 6, two prompts in rollout batches of 3 (partial groups), two iterations of
+# 3 sampling steps, the fewest that show the second iteration's rollouts coming from the updated LoRA.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # as torchrun runs each rank, so one process computes the same sums
+MULTI = ("--reward", "test_rl:lr_contrast", "--iterations", "2", "--prompts_per_iter", "2", "--group_size", "6",
+         "--rollout_batch", "3", "--steps", "3")
+
+
+def lora_weights(out):
+    return load_file(Path(out) / "lora" / "pytorch_lora_weights.safetensors")
+
+
+def max_lora_diff(a, b):
+    wa, wb = lora_weights(a), lora_weights(b)
+    assert wa.keys() == wb.keys() and len(wa)
+    return max((wa[k] - wb[k]).abs().max().item() for k in wa)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, tiny_data, tiny_dir):
+    tmp = tmp_path_factory.mktemp("rl-one")
+    res = run_rl(tmp, tiny_data, tiny_dir, tmp / "one", *MULTI, env=ONE_THREAD)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return tmp / "one"
+
+
+def test_two_ranks_give_the_same_advantages_and_lora(tmp_path, tiny_data, tiny_dir, one_process):
+    """Each of 2 ranks holds one prompt's two rollout batches; rewards, advantages and the final LoRA
+    equal one process's. The LoRA carries the settings it is valid with."""
+    two = run_rl(tmp_path, tiny_data, tiny_dir, tmp_path / "two", *MULTI, nproc=2)
     assert two.returncode == 0, two.stderr[-3000:]
-    a, b = log(tmp_path / "one")[0], log(tmp_path / "two")[0]
-    assert len(a["advantages"]) == 8
-    assert np.allclose(a["rewards"], b["rewards"], atol=1e-5)
-    assert np.allclose(a["advantages"], b["advantages"], atol=2e-3)  # normalized by a small std
-    assert np.sign(a["advantages"]).tolist() == np.sign(b["advantages"]).tolist()
+    a, b = log(one_process), log(tmp_path / "two")
+    assert [r["iter"] for r in a] == [r["iter"] for r in b] == [1, 2]
+    for ra, rb in zip(a, b):
+        assert len(ra["advantages"]) == 12 and ra["trained_samples"] == 12
+        # the gradient sums over ranks add in another order: the last bits differ, then an image by a
+        # pixel level here and there, and the advantages divide that by a small group std
+        assert np.allclose(ra["rewards"], rb["rewards"], atol=1e-5)
+        assert np.allclose(ra["advantages"], rb["advantages"], atol=2e-3)
+    diff = max_lora_diff(one_process, tmp_path / "two")
+    print(f"2 ranks vs one process: max |LoRA difference| {diff:.3g}")
+    assert diff < 1e-5
+    settings = common.lora_settings(tmp_path / "two" / "lora")
+    assert set(settings) == set(common.MODEL_SETTINGS)
+    assert {k: settings[k] for k in ("model", "pe", "guidance", "resolution")} == \
+        {"model": "tiny", "pe": "frame", "guidance": 2.5, "resolution": 64}
+
+
+def test_four_ranks_with_a_nan_sample_equal_one_process(tmp_path, tiny_data, tiny_dir, one_process):
+    """4 gloo ranks, G = 6 (not divisible by 4: each rank samples half a group), one sample scored
+    NaN in the first iteration: the same rewards, advantages, trained-sample count and, after two
+    iterations, the same LoRA as one process. The NaN sample is picked by its image (its reward is
+    the iteration's lowest in the NaN-free run), so it is the same sample whatever the split."""
+    low = sorted(log(one_process)[0]["rewards"])[:2]
+    env = {"PSR_TEST_NAN_BELOW": str((low[0] + low[1]) / 2)}
+    args = [*MULTI]
+    args[1] = "test_rl:nan_below"
+    one = run_rl(tmp_path, tiny_data, tiny_dir, tmp_path / "one", *args, env={**env, **ONE_THREAD})
+    assert one.returncode == 0, one.stderr[-2000:]
+    four = run_rl(tmp_path, tiny_data, tiny_dir, tmp_path / "four", *args, nproc=4, env=env)
+    assert four.returncode == 0, four.stderr[-3000:]
+    a, b = log(tmp_path / "one"), log(tmp_path / "four")
+    assert a[0]["nan_rewards"] == 1 and a[0]["trained_samples"] == 11
+    k = a[0]["rewards"].index(None)
+    assert a[0]["advantages"][k] == 0 and "scored NaN and were excluded" in four.stdout
+    for ra, rb in zip(a, b):
+        assert [r is None for r in ra["rewards"]] == [r is None for r in rb["rewards"]]
+        assert ra["trained_samples"] == rb["trained_samples"] and ra["optimizer_steps"] == rb["optimizer_steps"]
+        assert np.allclose([r or 0 for r in ra["rewards"]], [r or 0 for r in rb["rewards"]], atol=1e-5)
+        assert np.allclose(ra["advantages"], rb["advantages"], atol=2e-3)
+    diff = max_lora_diff(tmp_path / "one", tmp_path / "four")
+    print(f"4 ranks vs one process, one NaN sample: max |LoRA difference| {diff:.3g}")
+    assert diff < 1e-5
+    assert max_lora_diff(tmp_path / "one", one_process) > 1e-4  # the excluded sample changed the update
 
 
 def test_nan_reward_sample_is_reported_not_trained(tmp_path, tiny_data, tiny_dir):
@@ -309,6 +389,43 @@ def test_nan_reward_sample_is_reported_not_trained(tmp_path, tiny_data, tiny_dir
     assert "scored NaN and were excluded" in res.stdout
     assert row["rewards"][0] is None and row["advantages"][0] == 0
     assert row["trained_samples"] <= 6
+
+
+def test_sft_lora_settings_are_adopted_and_a_contradiction_refused(tmp_path, tiny_data, tiny_dir, monkeypatch):
+    """An SFT LoRA trained with `--pe h`: rl.py takes pe=h from its config.json, and an explicit
+    `--pe frame` is refused with a message naming both (before any model is loaded)."""
+    sft_dir = tmp_path / "sft"
+    sft_dir.mkdir()
+    (sft_dir / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    (sft_dir / "config.json").write_text(json.dumps({"settings": {"pe": "h", "guidance": 2.5, "resolution": 64}}))
+    base = ["--preset", "tiny", "--data", str(tiny_data), "--tiny_dir", tiny_dir, "--sft_lora", str(sft_dir),
+            "--out", str(tmp_path / "rl")]
+    cfg = common.parse_config(rl.Config, "rl", base + ["--pe", "frame"])
+    with pytest.raises(SystemExit, match=r"--pe 'frame' contradicts pe='h'"):
+        rl.main(cfg)
+
+    class Loaded(Exception):
+        pass
+
+    def stop(*_, **__):
+        raise Loaded
+
+    monkeypatch.setattr(common, "load_kontext", stop)
+    cfg = common.parse_config(rl.Config, "rl", base)
+    with pytest.raises(Loaded):
+        rl.main(cfg)
+    assert cfg.pe == "h"
+
+
+def test_curves_png_draws_both_rewards(tmp_path):
+    rows = [{"iter": 0, "eval_reward": 0.2, "eval_reward_std": 0.05}] + \
+        [{"iter": i, "reward_mean": 0.1 + 0.02 * i, "reward_std": 0.03} for i in range(1, 6)] + \
+        [{"iter": 5, "reward_mean": 0.2, "reward_std": 0.03, "eval_reward": 0.3, "eval_reward_std": 0.04}]
+    rl.draw_curves(rows, tmp_path / "c.png")
+    a = np.asarray(Image.open(tmp_path / "c.png").convert("RGB")).reshape(-1, 3)
+    colours = {tuple(c) for c in a[::7]}
+    assert (30, 80, 200) in colours and (230, 120, 20) in colours and (205, 220, 245) in colours
+    rl.draw_curves([], tmp_path / "empty.png")  # a fresh run's first checkpoint has no eval yet
 
 
 def test_missing_sft_lora_names_the_stage(tmp_path, tiny_data, tiny_dir):
