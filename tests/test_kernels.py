@@ -101,6 +101,13 @@ def test_crop_resize_normalize_matches_reference():
     want = R.crop_resize_normalize_reference(images, index, boxes)
     assert got.shape == (3, 3, 224, 224)
     assert (got - want).abs().max().item() < 1e-4
+    # and both are the PIL path bench.py scores with (rewards.dino_pixels: PIL bicubic, antialiased)
+    import rewards
+    from PIL import Image
+
+    ims = [Image.fromarray(images[i].cpu().numpy()) for i in index.tolist()]
+    pil = rewards.dino_preprocess(ims, boxes).to(got.device)
+    assert (got - pil).abs().max().item() < 1e-3
 
 
 @needs_triton
