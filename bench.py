@@ -26,6 +26,7 @@ Run:
 
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,7 @@ import common
 import tiny
 import sft
 from rewards import RewardConfig
-from common import ROOT, barrier, image_grid, parse_config, rank, run_stage, save_png, world, write_json
+from common import barrier, image_grid, parse_config, rank, run_stage, save_png, world, write_json
 
 SUBSETS = ("Attribute", "Action", "Background", "Position", "Complex", "Three", "Four")
 DIMENSIONS = ("subject_consistency", "subject_consistency_strict", "semantic_alignment", "semantic_alignment_strict",
@@ -115,6 +116,9 @@ def position_score(relation, box1, box2):
     DIRECTIONS and NEAR ("behind", None) scores 0, as in the authors' function."""
     dx = (box2[0] + box2[2]) / 2 - (box1[0] + box1[2]) / 2
     dy = (box2[1] + box2[3]) / 2 - (box1[1] + box1[3]) / 2
+    area = (box1[2] - box1[0]) * (box1[3] - box1[1]) + (box2[2] - box2[0]) * (box2[3] - box2[1])
+    if area <= 0:  # the authors divide by the union before any branch: zero raises, their except gives 0
+        return 0.0
     if relation in NEAR:
         return 1.0 if abs(dx) < 150 or abs(dy) < 150 else 150 / max(abs(dx), abs(dy))
     if relation in ("to the left of", "on the left of"):
@@ -203,21 +207,32 @@ def result_path(cfg, out, subset, index, item, jsons=None):
 # ----------------------------------------------------------------------------------------------
 # Generation: resumable, items spread over ranks.
 
-def resolve_loras(cfg, name):
-    if cfg.lora == "auto":
-        rl_l, sft_l = ROOT / "runs" / f"{name}-rl" / "lora", ROOT / "runs" / f"{name}-sft" / "lora"
-        if (rl_l / "pytorch_lora_weights.safetensors").exists():
-            return [sft_l, rl_l]  # the RL adapter was trained on the SFT-fused model
-        if (sft_l / "pytorch_lora_weights.safetensors").exists():
-            return [sft_l]
-        return []
-    return [Path(p) for p in cfg.lora.split(",") if p and p != "none"]
+def resolve_loras(cfg):
+    """--lora auto: the RL LoRA of this preset and tag, on the SFT LoRA it was trained on (as its
+    config.json records), else the tag's SFT LoRA, else none (the base model)."""
+    if cfg.lora != "auto":
+        return [Path(p) for p in cfg.lora.split(",") if p and p != "none"]
+    rl_l, sft_l = common.stage_dir(cfg, "rl") / "lora", common.stage_dir(cfg, "sft") / "lora"
+    if (rl_l / "pytorch_lora_weights.safetensors").exists():
+        sft_input = common.read_record(rl_l).get("inputs", {}).get("sft_lora", {}).get("path")
+        return ([Path(sft_input)] if sft_input else []) + [rl_l]  # the RL adapter sits on the SFT-fused model
+    if (sft_l / "pytorch_lora_weights.safetensors").exists():
+        return [sft_l]
+    return []
 
 
-def load_model(cfg, device):
+def model_stamp(cfg, loras):
+    """What makes an image what it is: the model, each LoRA's content, and the sampling settings.
+    images/model.json holds it; images made by another model are regenerated, never rescored."""
+    return {"model": cfg.model, "loras": [{"path": str(p), "sha256": common.content_hash(p)} for p in loras],
+            **{k: getattr(cfg, k) for k in ("pe", "guidance", "resolution", "steps", "seed", "max_text_len",
+                                            "stitch_refs")}}
+
+
+def load_model(cfg, loras, device):
     """The model under test: the base with each of its LoRAs fused in order."""
     m = common.load_kontext(cfg.model, device, common.model_dtype(device), cfg.tiny_dir)
-    for k, lora in enumerate(resolve_loras(cfg, cfg.preset or "run")):
+    for k, lora in enumerate(loras):
         common.load_lora_into(m.transformer, lora, fuse=True, name=f"l{k}")
     return m
 
@@ -234,13 +249,27 @@ def stitch(images):
     return canvas
 
 
-def generate_all(cfg, bench, folder, out, device):
+def claim_images(cfg, out, loras):
+    """Keeps out/images only if this model made them; otherwise they go, before anything is scored."""
+    stamp, path = model_stamp(cfg, loras), out / "images" / "model.json"
+    old = json.loads(path.read_text()) if path.exists() else None
+    barrier()
+    if rank() == 0:
+        if (old is None and (out / "images").exists()) or (old is not None and old != stamp):
+            print(f"[bench] {out / 'images'} holds another model's images: regenerating them")
+            shutil.rmtree(out / "images")
+        write_json(path, stamp)
+    barrier()
+
+
+def generate_all(cfg, bench, folder, out, loras, device):
+    claim_images(cfg, out, loras)
     todo = [(s, i, it) for s in bench for i, it in enumerate(bench[s])
             if not result_path(cfg, out, s, i, it).exists()]
     mine = todo[rank():: world()]
     if not mine:
         return 0
-    m = load_model(cfg, device)
+    m = load_model(cfg, loras, device)
     made = 0
     for subset, i, item in tqdm(mine, desc="generate", disable=rank() != 0):
         refs = [common.open_image(folder, p, f"{subset}/{i}") for p in item["input_path"]]
@@ -375,13 +404,17 @@ def radar(models, size=360):
     panels = []
     for dim in DIMENSIONS:
         vals = [[sc["subsets"].get(s, {}).get(dim, float("nan")) for s in SUBSETS] for _, sc in models]
-        top = max([v for row in vals for v in row if not math.isnan(v)] + [1e-6])
+        # One fixed scale per dimension for every model and every run: scores in [0, 1] on 0..1 (a 0.007
+        # gap looks like 0.007), aesthetics (HPSv3/10, unbounded) up to its next multiple of 0.5.
+        seen = [v for row in vals for v in row if not math.isnan(v)]
+        top = 1.0 if dim != "aesthetics" else max(0.5, math.ceil(max(seen + [0.0]) * 2) / 2)
         img = Image.new("RGB", (size, size + 30), "white")
         d = ImageDraw.Draw(img)
         c, r = size / 2, size / 2 - 40
         ang = [-math.pi / 2 + 2 * math.pi * k / len(SUBSETS) for k in range(len(SUBSETS))]
         for frac in (0.25, 0.5, 0.75, 1.0):
             d.polygon([(c + r * frac * math.cos(a), c + r * frac * math.sin(a)) for a in ang], outline=(210, 210, 210))
+            d.text((c + 3, c - r * frac - 11), f"{top * frac:g}", fill=(120, 120, 120))  # ring value, on the top axis
         for a, s in zip(ang, SUBSETS):
             d.line([(c, c), (c + r * math.cos(a), c + r * math.sin(a))], fill=(200, 200, 200))
             tx = c + (r + 14) * math.cos(a)
@@ -392,9 +425,9 @@ def radar(models, size=360):
                     c + r * (0 if math.isnan(v) else v / top) * math.sin(a)) for v, a in zip(row, ang)]
             d.polygon(pts, outline=COLORS[k % len(COLORS)])
             d.line(pts + pts[:1], fill=COLORS[k % len(COLORS)], width=2)
-        d.text((10, size), f"{dim} (outer ring {top:.3f})", fill=(0, 0, 0))
-        for k, (name, _) in enumerate(models):
-            d.text((10, 10 + 12 * k), name, fill=COLORS[k % len(COLORS)])
+        d.text((10, size), f"{dim} (0 at the centre, {top:g} at the outer ring)", fill=(0, 0, 0))
+        for k, (name, sc) in enumerate(models):
+            d.text((10, 10 + 12 * k), f"{name} ({sc['overall']['n']} items)", fill=COLORS[k % len(COLORS)])
         panels.append(img)
     sheet = Image.new("RGB", (size * len(panels), size + 30), "white")
     for k, p in enumerate(panels):
@@ -464,8 +497,42 @@ def compare_sheet(score_files, per_subset=2):
     return image_grid(rows, cell=96) if rows else None
 
 
-def write_report(out, models, sheet=None):
-    common.write_text(out / "report.md", report_md(models))
+def model_settings(cfg, loras):
+    """The settings a compare report puts side by side: bench's own sampling knobs, then every knob
+    of each LoRA's training run as its config.json recorded it ("sft.lr", "rl.group_size", ...)."""
+    settings = {f"bench.{k}": getattr(cfg, k) for k in ("model", "pe", "guidance", "steps", "seed", "stitch_refs")}
+    settings["loras"] = [str(p) for p in loras]
+    for lora in loras:
+        record = common.read_record(lora)
+        for key, value in record.get("config", {}).items():
+            if key not in common.RESUME_FREE and record.get("stage"):
+                settings[f"{record['stage']}.{key}"] = value
+    return json.loads(json.dumps(settings, default=str))
+
+
+def compare_rows(paths):
+    """(name, scores) per scores.json, named by the model name it records; a name used twice gets its folder."""
+    scores = [json.loads(Path(p).read_text()) for p in paths]
+    names = [sc.get("name") or Path(p).parent.name for p, sc in zip(paths, scores)]
+    names = [n if names.count(n) == 1 else f"{n} ({Path(p).parent})" for n, p in zip(names, paths)]
+    return list(zip(names, scores))
+
+
+def differing_settings(models):
+    """Per row, the settings whose values differ between the rows (all rows agree on the rest)."""
+    keys = sorted({k for _, sc in models for k in sc.get("settings", {})})
+    differ = [k for k in keys if len({json.dumps(sc.get("settings", {}).get(k)) for _, sc in models}) > 1]
+    if not differ:
+        return "Settings: every row was made with the same recorded settings.\n"
+    lines = ["Settings that differ between the rows:", ""]
+    for name, sc in models:
+        vals = ", ".join(f"{k}={sc.get('settings', {}).get(k, '-')}" for k in differ)
+        lines.append(f"- {name}: {vals}")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out, models, sheet=None, extra=""):
+    common.write_text(out / "report.md", report_md(models) + ("\n" + extra if extra else ""))
     save_png(out / "radar.png", radar(models))
     if sheet is not None:
         save_png(out / "contact_sheet.png", sheet)
@@ -534,7 +601,7 @@ def dreambench(cfg, out, device):
         refs = [[common.open_image(p.parent, p.name, f"dreambench {i}") for p in ps] for ps in subj]
         out_path = (Path(cfg.results) if cfg.results else out / "dreambench") / f"{i}.png"
         if not out_path.exists():
-            m = m or load_model(cfg, device)
+            m = m or load_model(cfg, resolve_loras(cfg), device)
             save_png(out_path, sft.generate(m, [it["prompt"]], [[r[0] for r in refs]], cfg.resolution, cfg.resolution,
                                             cfg.steps, cfg.guidance, cfg.seed + i, cfg.pe, cfg.max_text_len)[0])
         with Image.open(out_path) as im:
@@ -559,17 +626,16 @@ def dreambench(cfg, out, device):
 
 def main(cfg):
     device = common.setup_dist(cfg.device)
-    name = cfg.preset or "run"
-    out = Path(cfg.out or ROOT / "runs" / f"{name}-bench")
+    out = Path(cfg.out) if cfg.out else common.stage_dir(cfg, "bench")
     common.print_config(cfg, "bench", out)
     common.ensure_writable(out, "bench")
     if cfg.compare:
         paths = [Path(p) for p in cfg.compare.split(",") if p]
-        models = [json.loads(p.read_text()) for p in paths]
-        models = [(sc.get("name") or p.parent.name, sc) for p, sc in zip(paths, models)]
+        models = compare_rows(paths)
         if rank() == 0:
-            write_report(out, models, compare_sheet(paths))
+            write_report(out, models, compare_sheet(paths), differing_settings(models))
             print(report_md(models))
+            print(differing_settings(models))
             print(f"[bench] report: {out / 'report.md'}  contact sheet: {out / 'contact_sheet.png'}")
         return out
     if cfg.ablation:
@@ -596,21 +662,26 @@ def main(cfg):
     if unknown:
         raise SystemExit(f"unknown subset(s) {unknown}; PSRBench has {', '.join(SUBSETS)}")
     bench = load_psrbench(folder, subsets, cfg.first_k)
-    made = 0 if cfg.results else generate_all(cfg, bench, folder, out, device)
+    loras = [] if cfg.results else resolve_loras(cfg)
+    common.adopt_lora_settings(cfg, loras, "bench")  # pe, guidance, ... as the LoRAs were trained
+    common.open_run(out, cfg, "bench", {f"lora{k}": p for k, p in enumerate(loras)})
+    made = 0 if cfg.results else generate_all(cfg, bench, folder, out, loras, device)
     barrier()
     t_gen = time.time() - t0
     rows = score_all(cfg, bench, folder, out, device)
     if rank() == 0:
         scores = summarize(rows, subsets)
-        scores["model"] = cfg.name or (cfg.results or ",".join(str(p) for p in resolve_loras(cfg, name)) or cfg.model)
-        scores["name"] = cfg.name or name
+        name = cfg.name or cfg.tag or out.name
+        scores["model"] = cfg.results or ",".join(str(p) for p in loras) or cfg.model
+        scores["name"] = name
+        scores["settings"] = model_settings(cfg, loras)
         scores["psrbench"] = str(folder.resolve())
         scores["images"] = str(Path(cfg.results).resolve() if cfg.results else (out / "images").resolve())
         write_json(out / "items.json", rows)
         write_json(out / "scores.json", scores)
-        write_report(out, [(cfg.name or name, scores)], contact_sheet(cfg, bench, folder, out))
+        write_report(out, [(name, scores)], contact_sheet(cfg, bench, folder, out))
         o = scores["overall"]
-        print(report_md([(cfg.name or name, scores)]).split("\n\n")[0])
+        print(report_md([(name, scores)]).split("\n\n")[0])
         print(f"[bench] {o['n']} items scored, {o['failed']} failed; generated {made} images this run; "
               f"{t_gen:.1f}s generating, {time.time() - t0 - t_gen:.1f}s scoring")
         print(f"[bench] report: {out / 'report.md'}  radar: {out / 'radar.png'}  "

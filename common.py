@@ -289,13 +289,21 @@ def image_grid(rows, cell=128):
 # Runs describe themselves: every output folder holds config.json (the resolved knobs, the inputs
 # read with a content hash, the code version), and a resume made with other settings is refused.
 
-# Knobs that may differ between a run and its resume without changing what it computes: extending a
-# run (steps, iterations, n_samples), cadence of logs and pictures, where things live (inputs are
-# compared by content hash instead), and which part of a benchmark is scored this time.
-RESUME_FREE = {"preset", "steps", "iterations", "n_samples", "log_every", "ckpt_every", "sample_every", "eval_every",
+# Knobs that may differ between a run and its resume without changing what it computes: cadence of
+# logs and pictures, where things live (inputs are compared by content hash instead), and which part
+# of a benchmark is scored this time. A stage adds the knob that extends its run (open_run's `extend`:
+# sft's steps, rl's iterations, make_data's n_samples; bench's steps are sampler steps and do count).
+# Also operational knobs: batch sizes (they change float rounding only), retries, keys, concurrency,
+# and an endpoint that moved (a URL replaced by another URL; the served model is its own knob).
+RESUME_FREE = {"preset", "log_every", "ckpt_every", "sample_every", "eval_every",
                "n_eval", "device", "tiny_dir", "out", "data", "sft_lora", "lora", "measure_overhead",
-               "judge_concurrency", "first_k", "subsets", "name", "psrbench", "results", "compare", "ablation",
-               "build_psrbench", "preview", "overwrite", "tag"}
+               "judge_concurrency", "first_k", "subsets", "name", "results", "compare", "ablation",
+               "build_psrbench", "preview", "cache", "overwrite", "tag", "gen_batch", "detect_batch", "text_batch",
+               "round_size", "reward_batch", "endpoint_retries", "endpoint_backoff", "llm_key", "judge_key"}
+
+
+def is_url(value):
+    return isinstance(value, str) and value.startswith(("http://", "https://"))
 
 
 def content_hash(path):
@@ -346,12 +354,13 @@ def run_record(cfg, stage, inputs=None):
             "code": code_version()}
 
 
-def record_diff(old, new):
+def record_diff(old, new, extend=()):
     """[(what, before, now)] for every knob or input that changes results."""
     diff = []
     for key, value in new["config"].items():
-        if key not in RESUME_FREE and key in old.get("config", {}) and old["config"][key] != value:
-            diff.append((f"--{key}", old["config"][key], value))
+        before = old.get("config", {}).get(key, value)
+        if key not in RESUME_FREE and key not in extend and before != value and not (is_url(before) and is_url(value)):
+            diff.append((f"--{key}", before, value))
     for name, info in new["inputs"].items():
         before = old.get("inputs", {}).get(name)
         if before and before.get("sha256") != info["sha256"]:
@@ -359,13 +368,14 @@ def record_diff(old, new):
     return diff
 
 
-def open_run(out, cfg, stage, inputs=None):
+def open_run(out, cfg, stage, inputs=None, extend=()):
     """Claims `out` for this run: writes out/config.json. A folder holding a run made with other
-    settings stops the stage with the differing knobs named; --overwrite removes that run first."""
+    settings stops the stage with the differing knobs named; --overwrite removes that run first.
+    `extend` names the knobs whose change only lengthens the run (a resume may raise them)."""
     out = Path(out)
     path = out / "config.json"
     record = run_record(cfg, stage, inputs)
-    diff = record_diff(json.loads(path.read_text()), record) if path.exists() else []
+    diff = record_diff(json.loads(path.read_text()), record, extend) if path.exists() else []
     barrier()  # every rank has read the old record before rank 0 replaces it
     if diff:
         what = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, a, b in diff)
@@ -716,41 +726,66 @@ def cache_fingerprint(m, resolution, max_text_len):
             "vae_channels": m.vae.config.latent_channels}
 
 
+def read_cache_parts(cache, fp):
+    """{shard: ids} over every part manifest (one per rank that ever wrote) and the merged one, for the
+    parts made with this fingerprint; another model or size's parts are ignored (and redone)."""
+    shards = {}
+    for path in sorted(cache.glob("manifest*.json")):
+        part = json.loads(path.read_text())
+        if all(part.get(k) == v for k, v in fp.items()):
+            shards.update(part["shards"])
+    return shards
+
+
 def build_cache(m, data_dir, samples, resolution, max_text_len, shard_size=256, batch=8):
-    """Encodes targets, refs and texts into cache/shard-XXXXX.safetensors; resumes shard by shard."""
+    """Encodes targets, refs and texts into cache/shard-r<rank>-XXXXX.safetensors; resumes shard by shard.
+
+    Every rank encodes its own share (samples[rank::world], a split by position in samples.jsonl, so
+    a rank never takes ids another rank of this run is writing) into its own shards and part manifest;
+    ids already in any part (from a run with another rank count too) are skipped. Rank 0 then merges
+    the parts into manifest.json. Each rank waits only for the slowest rank's share.
+
+    The T5 sequence is stored padded to max_text_len, as FluxKontextPipeline encodes it: the pipeline
+    runs T5 without an attention mask, so the padding positions' outputs are part of what the
+    transformer reads (and they change the valid tokens' outputs too). Storing the valid tokens alone
+    would train on inputs that inference never gives. A shorter max_text_len is the way to shrink it
+    (512 tokens x 4096 x bf16 = 4 MiB a sample); it is saved with the LoRA, so inference matches."""
     from safetensors.torch import save_file
 
     cache = Path(data_dir) / "cache"
     cache.mkdir(parents=True, exist_ok=True)
-    man_path = cache / "manifest.json"
     fp = cache_fingerprint(m, resolution, max_text_len)
-    manifest = json.loads(man_path.read_text()) if man_path.exists() else {**fp, "shards": {}}
-    if any(manifest.get(k) != v for k, v in fp.items()):
-        manifest = {**fp, "shards": {}}  # made by another model or size: start over
-    done = {i for ids in manifest["shards"].values() for i in ids}
-    todo = [s for s in samples if s["id"] not in done]
+    part_path = cache / f"manifest-r{rank()}.json"
+    part = json.loads(part_path.read_text()) if part_path.exists() else {}
+    if any(part.get(k) != v for k, v in fp.items()):
+        part = {**fp, "shards": {}}  # made by another model or size: this rank starts over
+    done = {i for ids in read_cache_parts(cache, fp).values() for i in ids}
+    todo = [s for s in samples[rank():: world()] if s["id"] not in done]
     area = resolution * resolution
     for start in tqdm(range(0, len(todo), shard_size), desc="cache shards", disable=rank() != 0):
         chunk, tensors = todo[start: start + shard_size], {}
         for b0 in range(0, len(chunk), batch):
             group = chunk[b0: b0 + batch]
             targets = [open_image(data_dir, s["target"], s["id"]) for s in group]
-            lat = encode_images(m, pil_to_tensor(targets, (resolution, resolution)))
-            t5, pooled = encode_text(m, [s["instruction"] for s in group], max_text_len)
+            lat = encode_images(m, pil_to_tensor(targets, (resolution, resolution)))  # [b,C,H/8,W/8]
+            t5, pooled = encode_text(m, [s["instruction"] for s in group], max_text_len)  # [b,T,D], [b,D']
             for j, s in enumerate(group):
                 tensors[f"{s['id']}/target"] = lat[j]
                 tensors[f"{s['id']}/t5"] = t5[j]
                 tensors[f"{s['id']}/clip"] = pooled[j]
-                for k, sub in enumerate(s["subjects"]):
+                for k, sub in enumerate(s["subjects"]):  # references keep their aspect ratio: one at a time
                     im = open_image(data_dir, sub["ref"], s["id"])
                     size = ref_size(*im.size, area, m.vae_factor * 2)
                     tensors[f"{s['id']}/ref{k}"] = encode_images(m, pil_to_tensor([im], size))[0]
-        name = f"shard-{len(manifest['shards']):05d}.safetensors"
+        name = f"shard-r{rank()}-{len(part['shards']):05d}.safetensors"
         with atomic_path(cache / name) as tmp:
             save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp))
-        manifest["shards"][name] = [s["id"] for s in chunk]
-        write_json(man_path, manifest)
-    return manifest
+        part["shards"][name] = [s["id"] for s in chunk]
+        write_json(part_path, part)
+    barrier()
+    if rank() == 0:
+        write_json(cache / "manifest.json", {**fp, "shards": read_cache_parts(cache, fp)})
+    barrier()
 
 
 class LatentCache:
@@ -803,9 +838,7 @@ class LatentCache:
 
 def load_dataset(m, data_dir, resolution, max_text_len):
     samples = load_samples(data_dir)
-    if rank() == 0:
-        build_cache(m, data_dir, samples, resolution, max_text_len)
-    barrier()
+    build_cache(m, data_dir, samples, resolution, max_text_len)  # every rank encodes what is missing of its share
     return samples, LatentCache(data_dir, samples, m, resolution, max_text_len)
 
 
@@ -899,7 +932,13 @@ def check_lora_keys(transformer, state, folder, name):
 
 
 # Settings an adapter is only valid with: trained with frame ids, it must be sampled with frame ids.
-MODEL_SETTINGS = ("model", "pe", "guidance", "resolution")
+MODEL_SETTINGS = ("model", "pe", "guidance", "resolution", "max_text_len")
+
+
+def read_record(folder):
+    """The config.json of a run or LoRA folder ({} when there is none)."""
+    path = Path(folder) / "config.json"
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def lora_settings(folder):

@@ -37,9 +37,9 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from common import (ROOT, TASKS, append_jsonl, barrier, build_cache, ensure_writable, image_grid, load_kontext,
-                    load_samples, maybe_die, model_dtype, parse_config, print_config, rank, read_jsonl, resolve_model,
-                    run_stage, save_png, setup_dist, world, write_json)
+from common import (ROOT, TASKS, append_jsonl, barrier, build_cache, data_dir, ensure_writable, image_grid,
+                    load_kontext, load_samples, maybe_die, model_dtype, open_run, parse_config, print_config, rank,
+                    read_jsonl, resolve_model, run_stage, save_png, setup_dist, world, write_json)
 
 
 @dataclass
@@ -1260,31 +1260,31 @@ def models_manifest(stats, samples, out):
 
 def main(cfg):
     device = setup_dist(cfg.device)
-    out = Path(cfg.out or ROOT / "data" / (cfg.preset or "run"))
+    out = data_dir(cfg) if not cfg.out else Path(cfg.out)
     print_config(cfg, "make_data", out)
     ensure_writable(out, "make_data")
+    open_run(out, cfg, "make_data", extend=("n_samples", "max_draws"))
     t0 = time.time()
     if cfg.source == "procedural":
         made, secs = make_procedural(cfg, out)
-    elif cfg.source == "models":
+    else:
         stats = make_models(cfg, out, device)
         made, secs = stats["made"], time.time() - t0
-    else:
-        raise SystemExit(f"--source must be procedural or models, got {cfg.source!r}")
     barrier()
+    samples = merge_rank_files(out) if rank() == 0 else None
+    if rank() == 0 and cfg.source == "models":
+        write_json(Path(out) / "manifest.json", models_manifest(stats, samples, out))
+    barrier()
+    samples = load_samples(out) if rank() else samples  # the merged list, as rank 0 wrote it
+    if not samples:
+        raise SystemExit(f"[make_data] no sample survived in {out}: see the drop reasons above")
+    cache_s = 0.0
+    if cfg.cache:  # every rank encodes its share of the cache (common.build_cache)
+        m = load_kontext(cfg.model, device, model_dtype(device), cfg.tiny_dir)
+        t1 = time.time()
+        build_cache(m, out, samples, cfg.resolution, cfg.max_text_len)
+        cache_s = time.time() - t1
     if rank() == 0:
-        samples = merge_rank_files(out)
-        if cfg.source == "models":
-            write_json(Path(out) / "manifest.json", models_manifest(stats, samples, out))
-        if not samples:
-            raise SystemExit(f"[make_data] no sample survived in {out}: see the drop reasons above")
-        if cfg.cache:
-            m = load_kontext(cfg.model, device, model_dtype(device), cfg.tiny_dir)
-            t1 = time.time()
-            build_cache(m, out, samples, cfg.resolution, cfg.max_text_len)
-            cache_s = time.time() - t1
-        else:
-            cache_s = 0.0
         counts = {t: sum(s["task"] == t for s in samples) for t in TASKS}
         print(f"[make_data] {len(samples)} samples in {out} ({made} made this run, "
               f"{secs / max(made, 1):.3f}s per made sample, cache {cache_s:.2f}s); by task {counts}")

@@ -343,7 +343,7 @@ def train(cfg):
     ensure_writable(out, "sft")
     if cfg.batch_size % (world() * cfg.grad_accum):
         raise SystemExit(f"batch_size {cfg.batch_size} must be divisible by {world()} ranks x grad_accum {cfg.grad_accum}")
-    record = open_run(out, cfg, "sft", {"data": data / "samples.jsonl"})
+    record = open_run(out, cfg, "sft", {"data": data / "samples.jsonl"}, extend=("steps",))
     m = load_kontext(cfg.model, device, model_dtype(device), cfg.tiny_dir)
     use_kernels(m.transformer, cfg.kernels)
     samples, cache = load_dataset(m, data, cfg.resolution, cfg.max_text_len)

@@ -263,3 +263,53 @@ def test_bench_takes_every_reward_knob():
     assert (cfg.judge_url, cfg.judge_model, cfg.judge_templates, cfg.hps_ckpt) == ("http://h:8000/v1", "q", "/t",
                                                                                  "/ckpt/HPSv3.safetensors")
     assert tuple(cfg.weights) == (0.5, 0.3, 0.2) and cfg.mode == "official"
+
+
+def test_position_zero_area_boxes_score_zero():
+    """eval/semantic-alignment/position-alignment.py, determine_position: iou = intersection / union is
+    computed before any branch, so two zero-area boxes raise ZeroDivisionError and the bare except
+    returns 0, even when the direction holds."""
+    assert bench.position_score("to the left of", [10, 10, 10, 10], [50, 10, 50, 10]) == 0.0
+    assert bench.position_score("next to", [10, 10, 10, 10], [20, 10, 20, 10]) == 0.0
+    assert bench.position_score("to the left of", [10, 10, 12, 12], [50, 10, 52, 12]) == 1.0  # one pixel of area is enough
+
+
+def test_images_of_another_model_are_regenerated_never_rescored(tmp_path, psrbench, tiny_dir, capsys):
+    out = tmp_path / "stamp"
+    args = ("--psrbench", str(psrbench), "--out", str(out), "--subsets", "Action")
+    run(tmp_path, tiny_dir, *args)
+    stamp = json.loads((out / "images" / "model.json").read_text())
+    assert stamp["steps"] == 2 and stamp["loras"] == [] and stamp["pe"] == "frame"
+    images = sorted((out / "images").rglob("*.png"))
+    before = {p: p.stat().st_mtime_ns for p in images}
+    with pytest.raises(SystemExit, match=r"--steps: 2 there, 3 now.*--overwrite"):  # config.json refuses the mix
+        run(tmp_path, tiny_dir, *args, "--steps", "3")
+    # a folder from before config.json (or edited by hand): the stamp alone decides
+    (out / "config.json").unlink()
+    stamp["steps"] = 5
+    (out / "images" / "model.json").write_text(json.dumps(stamp))
+    capsys.readouterr()
+    run(tmp_path, tiny_dir, *args)
+    assert "another model's images: regenerating" in capsys.readouterr().out
+    assert all(p.stat().st_mtime_ns != before[p] for p in images)  # every image made again
+    assert json.loads((out / "images" / "model.json").read_text())["steps"] == 2
+    run(tmp_path, tiny_dir, *args, "--steps", "3", "--overwrite")
+    assert json.loads((out / "images" / "model.json").read_text())["steps"] == 3
+
+
+def test_compare_labels_rows_by_model_name_and_lists_differing_settings(tmp_path):
+    def fake(v, name, settings):
+        sub = {s: {**{d: v for d in bench.DIMENSIONS}, "n": 1, "failed": []} for s in SUBSETS}
+        return {"subsets": sub, "overall": {**{d: v for d in bench.DIMENSIONS}, "n": 7, "failed": 0}, "name": name,
+                "settings": settings}
+    rows = {"x": fake(0.5, "pe-frame", {"bench.pe": "frame", "sft.lr": 0.001, "bench.steps": 6}),
+            "y": fake(0.7, "pe-h", {"bench.pe": "h", "sft.lr": 0.001, "bench.steps": 6})}
+    for folder, sc in rows.items():
+        (tmp_path / folder / "bench").mkdir(parents=True)
+        (tmp_path / folder / "bench" / "scores.json").write_text(json.dumps(sc))
+    files = ",".join(f"{tmp_path}/{f}/bench/scores.json" for f in rows)
+    bench.main(common.parse_config(bench.Config, "bench", ["--compare", files, "--out", str(tmp_path / "cmp")]))
+    report = (tmp_path / "cmp" / "report.md").read_text()
+    assert "| pe-frame | 0.500 |" in report and "| pe-h | 0.700 |" in report and "| bench |" not in report
+    assert "- pe-frame: bench.pe=frame" in report and "- pe-h: bench.pe=h" in report
+    assert "sft.lr" not in report and "bench.steps" not in report  # shared settings are not repeated
