@@ -999,10 +999,11 @@ def crop_of(scene, box):
 
 
 def crop_dims(box, size):
-    """The size crop_of gives for `box` in an image of `size`, without the image (rewards.crop's rounding)."""
-    x1, y1 = max(0, math.floor(box[0])), max(0, math.floor(box[1]))
-    x2, y2 = min(size[0], math.ceil(box[2])), min(size[1], math.ceil(box[3]))
-    return (x2 - x1, y2 - y1) if x2 - x1 >= 2 and y2 - y1 >= 2 else tuple(size)
+    """The size crop_of gives for `box` in an image of `size`, without the image (the same crop_box)."""
+    from rewards import crop_box
+
+    b = crop_box(box, size)
+    return (b[2] - b[0], b[3] - b[1]) if b is not None else tuple(size)
 
 
 def phase_reference(cfg, out, ids, rows, boxes, kontext, stats, device):

@@ -36,7 +36,6 @@ import importlib.util
 import io
 import itertools
 import json
-import math
 import re
 import time
 import urllib.error
