@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 import common
 import tiny
 import sft
-from rewards import RewardConfig
+from rewards import RewardConfig, iou
 from common import barrier, image_grid, parse_config, rank, run_stage, save_png, world, write_json
 
 SUBSETS = ("Attribute", "Action", "Background", "Position", "Complex", "Three", "Four")
@@ -101,14 +101,6 @@ def find_relation(instruction):
         if phrase in instruction:
             return phrase
     return None
-
-
-def iou(a, b):
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def position_score(relation, box1, box2):

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from common import (ROOT, TASKS, append_jsonl, barrier, build_cache, data_dir, ensure_writable, image_grid,
                     load_kontext, load_samples, maybe_die, model_dtype, open_run, parse_config, print_config, rank,
                     read_jsonl, resolve_model, run_stage, save_png, setup_dist, world, write_json)
+from rewards import iou
 
 
 @dataclass
@@ -737,14 +738,6 @@ def focus_for(task, edit):
 # ----------------------------------------------------------------------------------------------
 # Detection filters (ours, the paper gives none): non-maximum suppression first, since Grounding
 # DINO often returns one object twice; then each category exactly once, its box not tiny.
-
-def iou(a, b):
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
 
 def nms(found, threshold=0.5):
     """Best-first (box, score) pairs without those overlapping a better one by more than `threshold`."""

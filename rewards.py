@@ -113,6 +113,15 @@ def crop_box(box, size):
     return (x1, y1, x2, y2) if x2 > x1 and y2 > y1 else None
 
 
+def iou(a, b):
+    """Intersection over union of two (x1, y1, x2, y2) boxes; 0 when both are empty."""
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
 def crop(image, box):
     """The region a box selects (the whole image for None or an empty crop)."""
     b = None if box is None else crop_box(box, image.size)

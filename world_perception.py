@@ -43,7 +43,7 @@ from PIL import Image, ImageDraw
 
 import common
 import rewards
-from bench import iou
+from rewards import iou
 from make_data import (ACTIONS, ATTRIBUTES, BACKGROUNDS, COLORS, RELATIONS, SHAPES, TEXTURES, draw_reference,
                        draw_sample, draw_subject, layout, shape_points)
 
