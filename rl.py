@@ -57,7 +57,7 @@ from tqdm.auto import tqdm
 
 import common
 import sft
-from common import ROOT, append_jsonl, barrier, decode_latents, image_grid, open_image, rank, save_png, tensor_to_pil, world
+from common import append_jsonl, barrier, decode_latents, image_grid, open_image, rank, save_png, tensor_to_pil, world
 from rewards import RewardConfig
 from sft import pack, velocity
 
@@ -601,9 +601,9 @@ def lora_settings(cfg):
 def main(cfg):
     device = common.setup_dist(cfg.device)
     name = cfg.preset or "run"
-    data_dir = Path(cfg.data or ROOT / "data" / name)
-    out = Path(cfg.out or ROOT / "runs" / f"{name}-rl")
-    sft_lora = None if cfg.sft_lora == "none" else Path(cfg.sft_lora or ROOT / "runs" / f"{name}-sft" / "lora")
+    data_dir = common.data_dir(cfg)
+    out = Path(cfg.out) if cfg.out else common.stage_dir(cfg, "rl")  # runs/<preset>[-<tag>]-rl
+    sft_lora = None if cfg.sft_lora == "none" else Path(cfg.sft_lora or common.stage_dir(cfg, "sft") / "lora")
     if sft_lora is not None and not (sft_lora / "pytorch_lora_weights.safetensors").exists():
         raise SystemExit(f"{sft_lora} has no pytorch_lora_weights.safetensors: run `python sft.py --preset {name}` "
                          f"first (or pass --sft_lora none to start from the base model)")
@@ -611,6 +611,9 @@ def main(cfg):
         common.adopt_lora_settings(cfg, [sft_lora], "rl")
     common.print_config(cfg, "rl", out)
     common.ensure_writable(out, "rl")
+    # out/config.json records the knobs and inputs; a resume with other settings is refused (common.open_run)
+    inputs = {"data": data_dir / "samples.jsonl", **({"sft_lora": sft_lora} if sft_lora is not None else {})}
+    record = common.open_run(out, cfg, "rl", inputs, extend=("iterations",))
     if cfg.beta > 0 and cfg.noise_level <= 0:
         raise SystemExit("--beta > 0 needs --noise_level > 0: the KL term divides by the step's std")
     m = common.load_kontext(cfg.model, device, common.model_dtype(device), cfg.tiny_dir)
@@ -658,7 +661,7 @@ def main(cfg):
         barrier()
         common.maybe_die("rl", it + 1)
     if rank() == 0:
-        common.save_lora(m.transformer, out / "lora", name="rl", settings=lora_settings(cfg))
+        common.save_lora(m.transformer, out / "lora", name="rl", settings=lora_settings(cfg), record=record)
         print(f"[rl] done: {cfg.iterations} iterations ({cfg.iterations - start} this run) in "
               f"{time.time() - t_start:.1f}s; held-out reward first {first_eval} last {last_eval}")
         if cfg.measure_overhead:
