@@ -295,8 +295,7 @@ def image_grid(rows, cell=128):
 # sft's steps, rl's iterations, make_data's n_samples; bench's steps are sampler steps and do count).
 # Also operational knobs: batch sizes (they change float rounding only), retries, keys, concurrency,
 # and an endpoint that moved (a URL replaced by another URL; the served model is its own knob).
-RESUME_FREE = {"preset", "log_every", "ckpt_every", "sample_every", "eval_every",
-               "n_eval", "device", "tiny_dir", "out", "data", "sft_lora", "lora", "measure_overhead",
+RESUME_FREE = {"preset", "log_every", "ckpt_every", "sample_every", "eval_every", "device", "tiny_dir", "out", "data", "sft_lora", "lora", "measure_overhead",
                "judge_concurrency", "first_k", "subsets", "name", "results", "compare", "ablation",
                "build_psrbench", "preview", "cache", "overwrite", "tag", "gen_batch", "detect_batch", "text_batch",
                "round_size", "reward_batch", "endpoint_retries", "endpoint_backoff", "llm_key", "judge_key"}
@@ -402,12 +401,19 @@ def nice_ticks(lo, hi, n=5):
     return [start + i * step for i in range(int(math.ceil((hi - start) / step)) + 1)]
 
 
+CHART_COLORS = [(40, 110, 220), (220, 50, 50), (40, 160, 70), (230, 150, 20)]
+
+
+def band_color(col):
+    return tuple(255 - (255 - v) // 4 for v in col)
+
+
 def line_chart(path, panels, size=(420, 260)):
     """Training curves as a PNG (PIL only): `panels` is [(title, {label: [(x, y, spread or None)]})];
     each panel gets axes with tick labels, a line per label and a band of +-spread where given."""
     from PIL import ImageDraw
 
-    colors = [(40, 110, 220), (220, 50, 50), (40, 160, 70), (230, 150, 20)]
+    colors = CHART_COLORS
     w, h = size
     img = Image.new("RGB", (w * len(panels), h), "white")
     d = ImageDraw.Draw(img)
@@ -434,14 +440,14 @@ def line_chart(path, panels, size=(420, 260)):
             col = colors[c % len(colors)]
             band = [(px(x), py(y + e)) for x, y, e in rows] + [(px(x), py(y - e)) for x, y, e in reversed(rows)]
             if any(e for _, _, e in rows) and len(rows) > 1:
-                d.polygon(band, fill=tuple(255 - (255 - v) // 4 for v in col))
+                d.polygon(band, fill=band_color(col))
         for c, (label, rows) in enumerate(series.items()):
             col = colors[c % len(colors)]
             if len(rows) > 1:
                 d.line([(px(x), py(y)) for x, y, _ in rows], fill=col, width=2)
             for x, y, _ in rows[-1:] if len(rows) > 1 else rows:
                 d.ellipse([px(x) - 2, py(y) - 2, px(x) + 2, py(y) + 2], fill=col)
-            d.text((x1 - 150, y0 + 4 + 12 * c), label, fill=col)
+            d.text((x1 - 6 * len(label) - 6, y0 + 4 + 12 * c), label, fill=col)  # ~6 px a character
     save_png(path, img)
 
 

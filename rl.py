@@ -52,12 +52,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageStat
+from PIL import ImageStat
 from tqdm.auto import tqdm
 
 import common
 import sft
-from common import append_jsonl, barrier, decode_latents, image_grid, open_image, rank, save_png, tensor_to_pil, world
+from common import (append_jsonl, barrier, decode_latents, image_grid, line_chart, open_image, rank, save_png,
+                    tensor_to_pil, world)
 from rewards import RewardConfig
 from sft import pack, velocity
 
@@ -518,44 +519,14 @@ def evaluate(m, samples, cache, reward_fn, data_dir, cfg, grid_path=None):
     return float(np.nanmean(rewards)), extras
 
 
-def draw_curves(rows, path, size=(720, 400)):
-    """RL reward per iteration (mean over the iteration's samples, with its spread as a band) and the
-    held-out reward (with its spread over prompts as bars), drawn with PIL."""
-    rl = [(r["iter"], r["reward_mean"], r.get("reward_std", 0.0)) for r in rows
-          if "reward_mean" in r and r["reward_mean"] == r["reward_mean"]]
-    ev = [(r["iter"], r["eval_reward"], r.get("eval_reward_std", 0.0)) for r in rows if "eval_reward" in r]
-    im = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(im)
-    left, top, right, bottom = 60, 30, size[0] - 20, size[1] - 40
-    pts = rl + ev
-    if pts:
-        x_max = max(1, max(p[0] for p in pts))
-        lo = min(p[1] - p[2] for p in pts)
-        hi = max(p[1] + p[2] for p in pts)
-        lo, hi = (lo - 0.5, hi + 0.5) if hi - lo < 1e-9 else (lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
-
-        def xy(x, y):
-            return (left + (right - left) * x / x_max, bottom - (bottom - top) * (y - lo) / (hi - lo))
-
-        if len(rl) > 1:  # the band: mean +- std, then the mean on top
-            d.polygon([xy(i, m_ + s) for i, m_, s in rl] + [xy(i, m_ - s) for i, m_, s in reversed(rl)],
-                      fill=(205, 220, 245))
-            d.line([xy(i, m_) for i, m_, _ in rl], fill=(30, 80, 200), width=2)
-        for i, m_, s in ev:
-            d.line([xy(i, m_ - s), xy(i, m_ + s)], fill=(230, 120, 20), width=1)
-            x, y = xy(i, m_)
-            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(230, 120, 20))
-        if len(ev) > 1:
-            d.line([xy(i, m_) for i, m_, _ in ev], fill=(230, 120, 20), width=2)
-        for frac in (0.0, 0.5, 1.0):
-            y = lo + frac * (hi - lo)
-            d.text((4, xy(0, y)[1] - 6), f"{y:.3f}", fill="black")
-        d.text((left, bottom + 8), "0", fill="black")
-        d.text((right - 40, bottom + 8), f"iter {x_max}", fill="black")
-    d.rectangle([left, top, right, bottom], outline="black")
-    d.text((left, 8), "RL reward (blue, band: spread over samples)   held-out reward (orange, bars: spread "
-                      "over prompts)", fill="black")
-    save_png(path, im)
+def draw_curves(rows, path):
+    """curves.png: the RL reward per iteration (mean over the iteration's samples, band: their spread)
+    and the held-out reward (band: its spread over prompts), on one chart."""
+    train = [(r["iter"], r["reward_mean"], r.get("reward_std", 0.0)) for r in rows
+             if "reward_mean" in r and r["reward_mean"] == r["reward_mean"]]
+    held = [(r["iter"], r["eval_reward"], r.get("eval_reward_std", 0.0)) for r in rows if "eval_reward" in r]
+    line_chart(path, [("RL reward per iteration", {"train (band: spread over samples)": train,
+                                                   "held-out (band: spread over prompts)": held})], size=(720, 400))
 
 
 @torch.no_grad()
