@@ -295,10 +295,11 @@ def image_grid(rows, cell=128):
 # sft's steps, rl's iterations, make_data's n_samples; bench's steps are sampler steps and do count).
 # Also operational knobs: batch sizes (they change float rounding only), retries, keys, concurrency,
 # and an endpoint that moved (a URL replaced by another URL; the served model is its own knob).
-RESUME_FREE = {"preset", "log_every", "ckpt_every", "sample_every", "eval_every", "device", "tiny_dir", "out", "data", "sft_lora", "lora", "measure_overhead",
-               "judge_concurrency", "first_k", "subsets", "name", "results", "compare", "ablation",
-               "build_psrbench", "preview", "cache", "overwrite", "tag", "gen_batch", "detect_batch", "text_batch",
-               "round_size", "reward_batch", "endpoint_retries", "endpoint_backoff", "llm_key", "judge_key"}
+RESUME_FREE = {"preset", "log_every", "ckpt_every", "sample_every", "eval_every", "device", "tiny_dir", "out",
+               "data", "sft_lora", "lora", "measure_overhead", "judge_concurrency", "first_k", "subsets", "name",
+               "results", "compare", "ablation", "build_psrbench", "preview", "cache", "overwrite", "tag",
+               "gen_batch", "detect_batch", "text_batch", "round_size", "reward_batch", "endpoint_retries",
+               "endpoint_backoff", "llm_key", "judge_key"}
 
 
 def is_url(value):
