@@ -494,6 +494,7 @@ def model_settings(cfg, loras):
     of each LoRA's training run as its config.json recorded it ("sft.lr", "rl.group_size", ...)."""
     settings = {f"bench.{k}": getattr(cfg, k) for k in ("model", "pe", "guidance", "steps", "seed", "stitch_refs")}
     settings["loras"] = [str(p) for p in loras]
+    settings["trained"] = "+".join(common.read_record(lora).get("stage", "?") for lora in loras) or "base"
     for lora in loras:
         record = common.read_record(lora)
         for key, value in record.get("config", {}).items():
@@ -511,14 +512,16 @@ def compare_rows(paths):
 
 
 def differing_settings(models):
-    """Per row, the settings whose values differ between the rows (all rows agree on the rest)."""
-    keys = sorted({k for _, sc in models for k in sc.get("settings", {})})
-    differ = [k for k in keys if len({json.dumps(sc.get("settings", {}).get(k)) for _, sc in models}) > 1]
+    """Per row, the settings whose values differ among the rows that have them (a row without RL has
+    no rl.* settings; `trained` says which stages made each model). Settings all rows share are left out."""
+    have = [sc.get("settings", {}) for _, sc in models]
+    keys = sorted({k for st in have for k in st if k != "loras"})
+    differ = [k for k in keys if len({json.dumps(st[k]) for st in have if k in st}) > 1]
     if not differ:
         return "Settings: every row was made with the same recorded settings.\n"
     lines = ["Settings that differ between the rows:", ""]
-    for name, sc in models:
-        vals = ", ".join(f"{k}={sc.get('settings', {}).get(k, '-')}" for k in differ)
+    for (name, _), st in zip(models, have):
+        vals = ", ".join(f"{k}={st[k]}" for k in differ if k in st)
         lines.append(f"- {name}: {vals}")
     return "\n".join(lines) + "\n"
 
