@@ -16,10 +16,17 @@ Position, the judge's 0-10 / 10 elsewhere; aesthetics = HPSv3 / 10. Two columns 
   strict    every item counts: each of those scores 0 and stays in the denominator.
 Overall is the mean of the seven subset means, for every column.
 
+Ours, for safe comparisons: `--lora auto` takes the preset's (and `--tag`'s) RL LoRA on the SFT
+LoRA it was trained on, and adopts the pe, guidance and resolution they were trained with; the
+images folder is stamped with the model that made it (images/model.json) and another model's
+images are regenerated, never rescored; `--compare` labels rows by model name and lists, per row,
+the recorded settings that differ between the rows.
+
 Run:
     python bench.py --preset tiny                               # builds a tiny PSRBench, scores runs/tiny-*
     python bench.py --psrbench /data/PSRBench --lora runs/kontext-sft/lora,runs/kontext-rl/lora --out runs/b
     python bench.py --psrbench /data/PSRBench --results outputs/other-model --out runs/other --preset kontext
+    python bench.py --preset shapes --tag pe-h                  # runs/shapes-pe-h-{sft,rl}/lora -> runs/shapes-pe-h-bench
     python bench.py --compare runs/a/scores.json,runs/b/scores.json --out runs/compare
     torchrun --nproc_per_node 8 bench.py --psrbench /data/PSRBench --out runs/b
 """
@@ -56,7 +63,7 @@ class Config(RewardConfig):
     psrbench: str = ""            # folder in the authors' layout
     results: str = ""             # score these outputs instead of generating
     out: str = ""                 # default runs/<preset>-bench
-    model: str = "black-forest-labs/FLUX.1-Kontext-dev"
+    model: str = common.KONTEXT_ID  # local folder, hub id, or "tiny"; a LoRA records its own
     lora: str = "auto"            # comma list of LoRA folders fused in order; auto: the preset's runs
     name: str = ""                # the model's name in the report
     subsets: str = ",".join(SUBSETS)

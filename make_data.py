@@ -37,9 +37,10 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from common import (ROOT, TASKS, append_jsonl, barrier, build_cache, data_dir, ensure_writable, image_grid,
-                    load_kontext, load_samples, maybe_die, model_dtype, open_run, parse_config, print_config, rank,
-                    read_jsonl, resolve_model, run_stage, save_png, setup_dist, world, write_json)
+from common import (KONTEXT_ID, ROOT, TASKS, append_jsonl, barrier, build_cache, data_dir, ensure_writable,
+                    image_grid, load_kontext, load_samples, maybe_die, model_dtype, open_run, parse_config,
+                    print_config, rank, read_jsonl, resolve_model, run_stage, save_png, setup_dist, world,
+                    write_json)
 from rewards import iou
 
 
@@ -53,7 +54,7 @@ class Config:
     task_mix: tuple = (1.0, 1.0, 1.0, 1.0, 1.0, 0.5, 0.5)  # weights in TASKS order
     seed: int = 0
     id_offset: int = 0            # held-out sets use another range of indices
-    model: str = "black-forest-labs/FLUX.1-Kontext-dev"  # encodes the cache
+    model: str = KONTEXT_ID       # encodes the cache (local folder, hub id, or "tiny")
     tiny_dir: str = "tiny-models"
     max_text_len: int = 512
     cache: bool = True

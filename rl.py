@@ -68,7 +68,7 @@ class Config(RewardConfig):
     """Flow-GRPO's knobs; the reward knobs (detector, dino, judge, judge_url, weights, ...) come from
     rewards.RewardConfig and the preset's "rewards" section, and can be set here on the command line."""
     preset: str = ""
-    model: str = "black-forest-labs/FLUX.1-Kontext-dev"
+    model: str = common.KONTEXT_ID  # local folder, hub id, or "tiny"; a LoRA records its own
     sft_lora: str = ""            # default runs/<preset>-sft/lora; "none" starts from the base model
     data: str = ""                # default data/<preset>
     out: str = ""                 # default runs/<preset>-rl
