@@ -28,7 +28,7 @@ Run:
     python bench.py --psrbench /data/PSRBench --results outputs/other-model --out runs/other --preset kontext
     python bench.py --preset shapes --tag pe-h                  # runs/shapes-pe-h-{sft,rl}/lora -> runs/shapes-pe-h-bench
     python bench.py --compare runs/a/scores.json,runs/b/scores.json --out runs/compare
-    torchrun --nproc_per_node 8 bench.py --psrbench /data/PSRBench --out runs/b
+    torchrun --nproc_per_node 8 bench.py --preset kontext --psrbench /data/PSRBench --out runs/b
 """
 
 import json
@@ -213,8 +213,12 @@ def resolve_loras(cfg):
         return [Path(p) for p in cfg.lora.split(",") if p and p != "none"]
     rl_l, sft_l = common.stage_dir(cfg, "rl") / "lora", common.stage_dir(cfg, "sft") / "lora"
     if (rl_l / "pytorch_lora_weights.safetensors").exists():
-        sft_input = common.read_record(rl_l).get("inputs", {}).get("sft_lora", {}).get("path")
-        return ([Path(sft_input)] if sft_input else []) + [rl_l]  # the RL adapter sits on the SFT-fused model
+        sft = common.read_record(rl_l).get("inputs", {}).get("sft_lora")
+        if sft and common.content_hash(sft["path"]) != sft["sha256"]:
+            raise SystemExit(f"[bench] {rl_l} was trained on the SFT LoRA {sft['path']} with hash {sft['sha256']}; "
+                             f"that folder now holds other weights ({common.content_hash(sft['path'])}). "
+                             f"Retrain the RL LoRA, or give --lora SFT,RL explicitly.")
+        return ([Path(sft["path"])] if sft else []) + [rl_l]  # the RL adapter sits on the SFT-fused model
     if (sft_l / "pytorch_lora_weights.safetensors").exists():
         return [sft_l]
     return []
@@ -595,6 +599,8 @@ def dreambench(cfg, out, device):
     clip = CLIPModel.from_pretrained(clip_path).to(device).eval()
     image_proc, tok = AutoImageProcessor.from_pretrained(clip_path), AutoTokenizer.from_pretrained(clip_path)
     embed = rewards.DinoEmbedder(cfg.dino, device, cfg.tiny_dir)
+    loras = resolve_loras(cfg)
+    common.adopt_lora_settings(cfg, loras, "bench")
     m = None
     rows = []
     for i, it in enumerate(items):
@@ -603,7 +609,7 @@ def dreambench(cfg, out, device):
         refs = [[common.open_image(p.parent, p.name, f"dreambench {i}") for p in ps] for ps in subj]
         out_path = (Path(cfg.results) if cfg.results else out / "dreambench") / f"{i}.png"
         if not out_path.exists():
-            m = m or load_model(cfg, resolve_loras(cfg), device)
+            m = m or load_model(cfg, loras, device)
             save_png(out_path, sft.generate(m, [it["prompt"]], [[r[0] for r in refs]], cfg.resolution, cfg.resolution,
                                             cfg.steps, cfg.guidance, cfg.seed + i, cfg.pe, cfg.max_text_len)[0])
         with Image.open(out_path) as im:
@@ -649,6 +655,10 @@ def main(cfg):
     if cfg.dreambench:
         return dreambench(cfg, out, device) if rank() == 0 else None
     t0 = time.time()
+    loras = [] if cfg.results else resolve_loras(cfg)
+    common.adopt_lora_settings(cfg, loras, "bench")  # pe, guidance, ... as the LoRAs were trained
+    # Claim the folder before building anything in it: --overwrite may clear an earlier run first.
+    common.open_run(out, cfg, "bench", {f"lora{k}": p for k, p in enumerate(loras)})
     folder = Path(cfg.psrbench) if cfg.psrbench else out / "psrbench"
     if cfg.build_psrbench or (not cfg.psrbench and cfg.model == "tiny"):
         if rank() == 0:
@@ -664,9 +674,6 @@ def main(cfg):
     if unknown:
         raise SystemExit(f"unknown subset(s) {unknown}; PSRBench has {', '.join(SUBSETS)}")
     bench = load_psrbench(folder, subsets, cfg.first_k)
-    loras = [] if cfg.results else resolve_loras(cfg)
-    common.adopt_lora_settings(cfg, loras, "bench")  # pe, guidance, ... as the LoRAs were trained
-    common.open_run(out, cfg, "bench", {f"lora{k}": p for k, p in enumerate(loras)})
     made = 0 if cfg.results else generate_all(cfg, bench, folder, out, loras, device)
     barrier()
     t_gen = time.time() - t0

@@ -183,6 +183,32 @@ def print_config(cfg, stage, writes):
 # ----------------------------------------------------------------------------------------------
 # Files: every write goes to a temp file in the same folder, then an atomic rename.
 
+def current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def make_temp_dir(parent, name):
+    """A temp folder beside `parent/name`, with a normal folder's mode (mkdtemp makes it 0700)."""
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}."))
+    os.chmod(tmp, 0o777 & ~current_umask())
+    return tmp
+
+
+def replace_dir(tmp, folder):
+    """Puts the finished folder `tmp` at `folder`: the old one is renamed aside first, so at every
+    moment `folder` is either the old whole folder or the new one."""
+    folder = Path(folder)
+    old = folder.parent / f".{folder.name}.old"
+    if old.exists():
+        shutil.rmtree(old)
+    if folder.exists():
+        os.rename(folder, old)
+    os.rename(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yields a temp path next to `path`; renames it over `path` only if the block succeeds."""
@@ -190,6 +216,7 @@ def atomic_path(path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it 0600; the result gets a normal file's mode
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -307,14 +334,17 @@ def is_url(value):
 
 
 def content_hash(path):
-    """sha256 (16 hex digits) of a file, or of a folder's files in name order; None if absent."""
+    """sha256 (16 hex digits) of a file, or of a folder's files in name order; None if absent. A
+    folder's config.json is left out: it records how the content was made (and the code version),
+    so the same weights keep the same hash."""
     import hashlib
 
     path = Path(path)
     if not path.exists():
         return None
     h = hashlib.sha256()
-    for f in sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file()):
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file() and p.name != "config.json"]
+    for f in sorted(files):
         if path.is_dir():
             h.update(f.relative_to(path).as_posix().encode())
         with open(f, "rb") as fh:
@@ -337,6 +367,12 @@ def code_version():
     return {"git": rev or None, "source": content_hash_of(files)}
 
 
+def content_hash_of_text(text):
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
 def content_hash_of(files):
     import hashlib
 
@@ -350,7 +386,8 @@ def run_record(cfg, stage, inputs=None):
     """What config.json holds: the resolved knobs, each input's path and content hash, the code."""
     knobs = {**dataclasses.asdict(cfg), **{k: getattr(cfg, k, d) for k, (d, _) in RUN_KNOBS.items()}}
     return {"stage": stage, "config": json.loads(json.dumps(knobs, default=str)),
-            "inputs": {name: {"path": str(path), "sha256": content_hash(path)} for name, path in (inputs or {}).items()},
+            "inputs": {name: {"path": str(Path(path).resolve()), "sha256": content_hash(path)}
+                       for name, path in (inputs or {}).items()},
             "code": code_version()}
 
 
@@ -375,7 +412,9 @@ def open_run(out, cfg, stage, inputs=None, extend=()):
     out = Path(out)
     path = out / "config.json"
     record = run_record(cfg, stage, inputs)
-    diff = record_diff(json.loads(path.read_text()), record, extend) if path.exists() else []
+    fresh = not any(p.name != "config.json" for p in out.iterdir()) if out.exists() else True
+    # A folder with nothing but config.json (a run that stopped at its own checks) is fresh.
+    diff = record_diff(json.loads(path.read_text()), record, extend) if path.exists() and not fresh else []
     barrier()  # every rank has read the old record before rank 0 replaces it
     if diff:
         what = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, a, b in diff)
@@ -540,7 +579,7 @@ def ensure_tiny_model(tiny_dir, name, builder):
             time.sleep(0.1)
         raise RuntimeError(f"rank {rank()} waited 10 minutes for rank 0 to build {target}")
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".{name}."))
+    tmp = make_temp_dir(folder, name)
     try:
         builder(tmp)
         (tmp / ".complete").write_text("built by psr-ref\n")
@@ -762,6 +801,7 @@ def build_cache(m, data_dir, samples, resolution, max_text_len, shard_size=256, 
     cache = Path(data_dir) / "cache"
     cache.mkdir(parents=True, exist_ok=True)
     fp = cache_fingerprint(m, resolution, max_text_len)
+    fp_tag = content_hash_of_text(json.dumps(fp, sort_keys=True))
     part_path = cache / f"manifest-r{rank()}.json"
     part = json.loads(part_path.read_text()) if part_path.exists() else {}
     if any(part.get(k) != v for k, v in fp.items()):
@@ -784,7 +824,8 @@ def build_cache(m, data_dir, samples, resolution, max_text_len, shard_size=256, 
                     im = open_image(data_dir, sub["ref"], s["id"])
                     size = ref_size(*im.size, area, m.vae_factor * 2)
                     tensors[f"{s['id']}/ref{k}"] = encode_images(m, pil_to_tensor([im], size))[0]
-        name = f"shard-r{rank()}-{len(part['shards']):05d}.safetensors"
+        # the fingerprint's hash in the name: another model's or size's shards never overwrite these
+        name = f"shard-{fp_tag}-r{rank()}-{len(part['shards']):05d}.safetensors"
         with atomic_path(cache / name) as tmp:
             save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp))
         part["shards"][name] = [s["id"] for s in chunk]
@@ -896,7 +937,7 @@ def save_lora(transformer, folder, name="default", settings=None, record=None):
 
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    tmp = make_temp_dir(folder.parent, folder.name)
     # The adapter config (rank, alpha, targets) travels in the file's metadata, so that loading
     # restores the same scaling alpha/rank instead of assuming alpha == rank.
     meta = transformer.peft_config[name].to_dict()
@@ -905,9 +946,7 @@ def save_lora(transformer, folder, name="default", settings=None, record=None):
                                           transformer_lora_adapter_metadata=meta)
     # `record` (open_run's) says which run made it: its knobs, inputs and code version.
     (tmp / "config.json").write_text(json.dumps({"settings": settings or {}, **(record or {})}, indent=1, default=str))
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.rename(tmp, folder)
+    replace_dir(tmp, folder)
 
 
 def load_lora_into(transformer, folder, fuse=False, name="sft"):

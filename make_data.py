@@ -1199,6 +1199,7 @@ def make_models(cfg, out, device):
             deferred |= set(json.loads(p.read_text()))
         block = next_block(cfg.n_samples, kept_indices(out, cfg), dropped_indices(out), deferred,
                            cfg.round_size * world(), limit)
+        file_barrier(out, f"{token}-plan{r}")  # every rank planned from the same files before any writes
         if not block:
             break
         run_round(cfg, out, block[rank()::world()], pool, stats, device)

@@ -603,10 +603,13 @@ def main(cfg):
     ckpt, log_path = out / "checkpoint.pt", out / "log.jsonl"
     start = common.load_checkpoint(ckpt, m.transformer, opt, name="rl")["step"] if ckpt.exists() else 0
     if rank() == 0:
-        common.truncate_log(log_path, start)  # rows past the checkpoint ("iter" > start) run again
+        # rows past the checkpoint ("iter" > start) run again; from no checkpoint, iteration 0's eval too
+        common.truncate_log(log_path, start if start else -1)
         if start:
             print(f"[rl] resumed from {ckpt} at iteration {start}")
-    first_eval = last_eval = None
+    barrier()  # the log is trimmed before any rank reads it
+    evals = [r["eval_reward"] for r in common.read_jsonl(log_path) if "eval_reward" in r] if log_path.exists() else []
+    first_eval, last_eval = (evals[0], evals[-1]) if evals else (None, None)  # a resume keeps its baseline
     t_start = time.time()
     if start == 0 and cfg.eval_every:
         # iteration 0: the held-out reward before any update, the baseline every later eval is read against

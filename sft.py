@@ -185,7 +185,8 @@ def prepare_refs(m, refs_per_item, height, width):
         lat = encode_images(m, pil_to_tensor([r[k] for r in refs_per_item], size))  # [B,C,h,w]
         cols.append(pack(lat))                                                    # [B,(h/2)(w/2),4C]
         hws.append((lat.shape[2] // 2, lat.shape[3] // 2))
-    refs = torch.cat(cols, 1)  # [B, Lr, 4C]: ref 1's tokens, then ref 2's, ... (the order of position_ids) if cols else torch.zeros(len(refs_per_item), 0, 64, device=m.device, dtype=m.dtype)
+    # [B, Lr, 4C]: ref 1's tokens, then ref 2's, ... (the order of position_ids); none: text only
+    refs = torch.cat(cols, 1) if cols else torch.zeros(len(refs_per_item), 0, 64, device=m.device, dtype=m.dtype)
     return refs, hws
 
 

@@ -364,13 +364,25 @@ def test_killed_run_rerun_equals_uninterrupted(tmp_path, tiny_dir):
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
-def test_two_ranks_make_the_same_ids(tmp_path, tiny_dir):
-    one = run_md(tmp_path, tmp_path / "one", "--tiny_dir", tiny_dir, "--cache", "false")
-    two = run_md(tmp_path, tmp_path / "two", "--tiny_dir", tiny_dir, "--cache", "false", nproc=2)
+def test_two_ranks_make_the_same_ids_and_cache(tmp_path, tiny_dir):
+    """Two ranks make the same samples, and each encodes its own share of the cache (its shards and
+    part manifest), merged into one manifest that holds every id with the one-process tensors."""
+    one = run_md(tmp_path, tmp_path / "one", "--tiny_dir", tiny_dir)
+    two = run_md(tmp_path, tmp_path / "two", "--tiny_dir", tiny_dir, nproc=2)
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
     r1, r2 = common.read_jsonl(tmp_path / "one" / "samples.jsonl"), common.read_jsonl(tmp_path / "two" / "samples.jsonl")
     assert [r["id"] for r in r1] == [r["id"] for r in r2] and r1 == r2
     assert not list((tmp_path / "two").glob("samples.rank*.jsonl"))  # merged into one dataset
+    cache = tmp_path / "two" / "cache"
+    parts = {p.name: json.loads(p.read_text()) for p in cache.glob("manifest-r*.json")}
+    assert sorted(parts) == ["manifest-r0.json", "manifest-r1.json"]
+    share = {n: {i for ids in m["shards"].values() for i in ids} for n, m in parts.items()}
+    ids = [r["id"] for r in r2]
+    assert share["manifest-r0.json"] == set(ids[0::2]) and share["manifest-r1.json"] == set(ids[1::2])
+    merged = json.loads((cache / "manifest.json").read_text())["shards"]
+    assert sorted(i for v in merged.values() for i in v) == sorted(ids)
+    t1, t2 = dataset_state(tmp_path / "one")[2], dataset_state(tmp_path / "two")[2]
+    assert t1.keys() == t2.keys() and all(torch.allclose(t1[k], t2[k], atol=1e-5) for k in t1)
 
 
 def test_corrupt_target_is_named_when_caching(tmp_path, tiny_dir):

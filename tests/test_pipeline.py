@@ -138,3 +138,35 @@ def test_kontext_preset_is_the_papers_recipe():
     assert d.source == "models" and d.t2i == "/models/flux-dev" and d.dino == "facebook/dino-vits16"
     b = common.parse_config(bench.Config, "bench", ["--preset", "kontext"])
     assert (b.steps, b.guidance, b.resolution) == (28, 2.5, 512)
+
+
+def test_tag_layout_end_to_end(tmp_path, tiny_data, tiny_dir, monkeypatch):
+    """--tag t: sft writes runs/tiny-t-sft, rl finds that LoRA (and its pe) by the tag, bench scores the RL
+    LoRA on the SFT LoRA its record names; a changed knob is refused, --overwrite replaces the run (the
+    bench folder's own PSRBench too), and a retrained SFT LoRA under the RL one is refused."""
+    import bench
+    import rl
+
+    monkeypatch.setattr(common, "ROOT", tmp_path)  # runs/ goes under tmp_path, not the checkout
+    base = ["--preset", "tiny", "--tag", "t", "--data", str(tiny_data), "--tiny_dir", tiny_dir, "--n_eval", "2"]
+    sft.train(common.parse_config(sft.Config, "sft", base + ["--steps", "2", "--sample_every", "0", "--pe", "h"]))
+    assert (tmp_path / "runs" / "tiny-t-sft" / "lora" / "pytorch_lora_weights.safetensors").exists()
+    cfg = common.parse_config(rl.Config, "rl", base + ["--iterations", "1", "--eval_every", "0", "--steps", "3",
+                                                       "--measure_overhead", "false"])
+    rl.main(cfg)
+    assert cfg.pe == "h"  # adopted from the SFT LoRA found by the tag
+    record = common.read_record(tmp_path / "runs" / "tiny-t-rl" / "lora")
+    assert record["inputs"]["sft_lora"]["path"] == str((tmp_path / "runs" / "tiny-t-sft" / "lora").resolve())
+    args = ["--preset", "tiny", "--tag", "t", "--tiny_dir", tiny_dir, "--steps", "2", "--subsets", "Action"]
+    bench.main(common.parse_config(bench.Config, "bench", args))
+    scores = json.loads((tmp_path / "runs" / "tiny-t-bench" / "scores.json").read_text())
+    assert scores["name"] == "t" and scores["settings"]["trained"] == "sft+rl" and scores["settings"]["bench.pe"] == "h"
+    assert [Path(p).parent.parent.name for p in scores["settings"]["loras"]] == ["tiny-t-sft", "tiny-t-rl"]
+    with pytest.raises(SystemExit, match="--seed: 0 there, 1 now"):
+        bench.main(common.parse_config(bench.Config, "bench", args + ["--seed", "1"]))
+    bench.main(common.parse_config(bench.Config, "bench", args + ["--seed", "1", "--overwrite"]))
+    assert json.loads((tmp_path / "runs" / "tiny-t-bench" / "scores.json").read_text())["overall"]["failed"] == 0
+    sft.train(common.parse_config(sft.Config, "sft", base + ["--steps", "2", "--sample_every", "0", "--pe", "h",
+                                                             "--seed", "5", "--overwrite"]))
+    with pytest.raises(SystemExit, match="now holds other weights"):
+        bench.main(common.parse_config(bench.Config, "bench", args + ["--seed", "1"]))
