@@ -147,6 +147,7 @@ def test_tag_layout_end_to_end(tmp_path, tiny_data, tiny_dir, monkeypatch):
     import bench
     import rl
 
+    shutil.copytree(ROOT / "configs", tmp_path / "configs")  # the presets, beside the runs/ of this test
     monkeypatch.setattr(common, "ROOT", tmp_path)  # runs/ goes under tmp_path, not the checkout
     base = ["--preset", "tiny", "--tag", "t", "--data", str(tiny_data), "--tiny_dir", tiny_dir, "--n_eval", "2"]
     sft.train(common.parse_config(sft.Config, "sft", base + ["--steps", "2", "--sample_every", "0", "--pe", "h"]))
@@ -161,7 +162,7 @@ def test_tag_layout_end_to_end(tmp_path, tiny_data, tiny_dir, monkeypatch):
     bench.main(common.parse_config(bench.Config, "bench", args))
     scores = json.loads((tmp_path / "runs" / "tiny-t-bench" / "scores.json").read_text())
     assert scores["name"] == "t" and scores["settings"]["trained"] == "sft+rl" and scores["settings"]["bench.pe"] == "h"
-    assert [Path(p).parent.parent.name for p in scores["settings"]["loras"]] == ["tiny-t-sft", "tiny-t-rl"]
+    assert [Path(p).parent.name for p in scores["settings"]["loras"]] == ["tiny-t-sft", "tiny-t-rl"]
     with pytest.raises(SystemExit, match="--seed: 0 there, 1 now"):
         bench.main(common.parse_config(bench.Config, "bench", args + ["--seed", "1"]))
     bench.main(common.parse_config(bench.Config, "bench", args + ["--seed", "1", "--overwrite"]))
