@@ -36,6 +36,7 @@ import importlib.util
 import io
 import itertools
 import json
+import os
 import re
 import time
 import urllib.error
@@ -155,10 +156,11 @@ def dino_pixels(image, box=None):
 
 def normalize_pixels(pixels):
     """[N, 224, 224, 3] uint8 -> [N, 3, 224, 224] float32 with ImageNet mean/std (ToTensor, Normalize)."""
-    x = torch.as_tensor(pixels).permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device)[None, :, None, None]
-    std = torch.tensor(IMAGENET_STD, device=x.device)[None, :, None, None]
-    return (x - mean) / std
+    # The arithmetic runs in the contiguous [N, H, W, 3] layout (a float cast of a permuted uint8
+    # view is a slow strided copy), then one permute: the same values, several times faster.
+    x = torch.as_tensor(pixels).float().div_(255.0)
+    x = x.sub_(torch.tensor(IMAGENET_MEAN, device=x.device)).div_(torch.tensor(IMAGENET_STD, device=x.device))
+    return x.permute(0, 3, 1, 2).contiguous()
 
 
 def dino_preprocess(images, boxes=None):
@@ -166,7 +168,14 @@ def dino_preprocess(images, boxes=None):
     boxes = boxes or [None] * len(images)
     if not images:
         return torch.zeros(0, 3, 224, 224)
-    return normalize_pixels(np.stack([dino_pixels(im, b) for im, b in zip(images, boxes)]))
+    # PIL releases the GIL while it resizes: a batch of regions spreads over the cores (a few
+    # regions stay in this thread, where a pool would cost more than it saves).
+    if len(images) < 8 or (os.cpu_count() or 1) == 1:
+        pixels = [dino_pixels(im, b) for im, b in zip(images, boxes)]
+    else:
+        with cf.ThreadPoolExecutor(max_workers=min(8, os.cpu_count())) as pool:
+            pixels = list(pool.map(dino_pixels, images, boxes))
+    return normalize_pixels(np.stack(pixels))
 
 
 def reference_features(refs, categories, detector, embed):
