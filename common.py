@@ -635,7 +635,8 @@ def autocast(device):
 
 
 def use_kernels(transformer, kind):
-    """`triton` swaps every attention processor for the fused RoPE flash attention of kernels/."""
+    """`triton` swaps every attention processor for kernels/attention.py's: q/k norm, RoPE and the
+    [text; image] concatenation in one Triton kernel, then SDPA; `torch` restores diffusers' own."""
     if kind == "torch":
         from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
@@ -643,9 +644,9 @@ def use_kernels(transformer, kind):
         return
     if kind != "triton":
         raise SystemExit(f"--kernels must be torch or triton, got {kind!r}")
-    from kernels.attention import FusedRopeAttnProcessor
+    from kernels.attention import FusedNormRopeProcessor
 
-    transformer.set_attn_processor(FusedRopeAttnProcessor())
+    transformer.set_attn_processor(FusedNormRopeProcessor())
 
 
 KONTEXT_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,

@@ -72,7 +72,7 @@ class Config:
     sample_steps: int = 28       # Euler steps of the sample grids (Kontext's default)
     max_text_len: int = 512      # T5 tokens
     grad_ckpt: bool = True       # gradient checkpointing (ours: needed for 12B at 512px with 4 refs)
-    kernels: str = "torch"       # attention: torch (SDPA) | triton (kernels/attention.py)
+    kernels: str = "torch"       # attention: torch (diffusers) | triton (fused q/k norm + RoPE, kernels/)
     ckpt_every: int = 500        # steps between checkpoints (resume points) and curves.png redraws
     log_every: int = 10
     sample_every: int = 1000     # steps between sample grids of held-out prompts (0: only the final one)
