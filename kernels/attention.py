@@ -8,9 +8,9 @@ in registers inside a Triton flash attention, to save writing and re-reading the
 On an H200 it ran at 0.12-0.28x of RoPE + SDPA flash (kernels/README.md): K was rotated once per
 query block inside the tensor-core loop, and that loop is what sets attention's speed. The most
 that fusion could ever save is one write and one read of q and k: at L = 5632, batch 1, 24 heads
-of 128 in bf16 that is 4 x 34.6 MB = 138 MB, about 0.03 ms at 4.3 TB/s, against 5.8 ms for the
-attention's forward and backward (0.6%). The norm kernel already reads and writes q and k, so the
-rotation rides along there for free, and the attention itself is left to SDPA's tuned flash kernel.
+of 128 in bf16 that is 4 x 34.6 MB = 138 MB, about 0.03 ms at 4.3 TB/s, against the 5.8 ms that
+RoPE + SDPA flash took there forward and backward (0.6%). The norm kernel reads and writes q and k
+anyway, so the rotation rides along there, and attention is left to SDPA's tuned flash kernel.
 """
 
 import torch

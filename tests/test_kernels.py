@@ -62,8 +62,13 @@ def assert_within_torch_error(got, low, truth, name):
     assert err <= bound, f"{name}: kernel error {err:.3g} > bound {bound:.3g} (torch's own {max_err(low, truth):.3g})"
 
 
-def check_norm_rope(dtype, b, h, d, n_text, target_hw, ref_hws, device, tile=None, weight_grad=False):
+GPU_TILE = (16, 2, 4)  # compiled tests take one tile unless they test the autotuner (each tile compiles)
+
+
+def check_norm_rope(dtype, b, h, d, n_text, target_hw, ref_hws, device, tile=None, weight_grad=False,
+                    autotune=False):
     """Forward and every gradient of the fused op against the fp64 reference, within the rule above."""
+    tile = tile or (None if autotune or INTERPRET else GPU_TILE)
     xs, ws, cos, sin = norm_rope_inputs(dtype, b, h, d, n_text, target_hw, ref_hws, device, weight_grad)
     text = n_text > 0
     args = lambda t, w: ((t[0], t[1]) if text else (None, None)) + (t[2], t[3]) + (  # noqa: E731
@@ -221,9 +226,9 @@ def test_group_advantages_matches_reference():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n_refs", [1, 4])
 def test_qk_norm_rope_cuda_kontext_like(dtype, n_refs):
-    # 512 text tokens + a 32x32 target + 16x16 refs, 24 heads of 128: the real structure, through
+    # 512 text tokens + a 32x32 target + 16x16 refs, 24 heads of 128: the real structure; bf16 through
     # the autotuner (which compiles and times every tile on first use)
-    check_norm_rope(dtype, 1, 24, 128, 512, (32, 32), [(16, 16)] * n_refs, "cuda")
+    check_norm_rope(dtype, 1, 24, 128, 512, (32, 32), [(16, 16)] * n_refs, "cuda", autotune=dtype == torch.bfloat16)
 
 
 @cuda
@@ -233,21 +238,39 @@ def test_qk_norm_rope_cuda_every_tile(tile):
     check_norm_rope(torch.bfloat16, 2, 3, 128, 77, (9, 7), [(5, 6), (7, 3)], "cuda", tile, weight_grad=True)
 
 
-def test_profile_script_runs_small_on_cpu(tmp_path, tiny_dir):
-    """kernels/profile_kontext.py at reduced width and depth: every phase runs and reports numbers."""
+def test_gpu_check_runs_small_on_cpu(tmp_path):
+    """kernels/gpu_check.sh with GPU_CHECK_SMALL=1: every part (kernel tests, the benchmark, the
+    profile's SFT, RL and reward phases, the report) runs at toy size and lands in the one JSON."""
     import json
+    import os
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    out = tmp_path / "profile.json"
-    res = subprocess.run([sys.executable, str(root / "kernels" / "profile_kontext.py"), "--small", "--device", "cpu",
-                          "--kernels", "torch", "--rl-kernels", "torch", "--out", str(out)],
-                         capture_output=True, text=True, cwd=root, env={**__import__("os").environ, "TRITON_INTERPRET": "1"})
-    assert res.returncode == 0, res.stderr[-2000:]
-    rows = {r["phase"]: r for r in json.loads(out.read_text())["rows"]}
-    assert set(rows) >= {"build", "sft-2", "sft-3", "sft-4", "rl", "reward-build", "rewards"}
-    assert not any("error" in r for r in rows.values())
-    assert rows["sft-4"]["seq_len"] > rows["sft-2"]["seq_len"] and rows["sft-2"]["seconds"] > 0
-    assert rows["rl"]["ratio_first"] == 1.0 and rows["rl"]["images"] == 2
+    out = tmp_path / "out"
+    env = {**os.environ, "GPU_CHECK_SMALL": "1", "OUT": str(out), "WORK": str(tmp_path / "work"),
+           "PYTHON": sys.executable}
+    res = subprocess.run(["bash", str(root / "kernels" / "gpu_check.sh")], capture_output=True, text=True, cwd=root,
+                         env=env)
+    assert res.returncode == 0, res.stdout[-3000:]
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert [p["part"] for p in report["parts"]] == ["tests", "bench", "sft", "rl", "rewards"]
+    assert all(p["rc"] == 0 and not p["timed_out"] for p in report["parts"]), report["parts"]
+    tests = report["tests"]["interp"]
+    assert tests["tests"] >= 2 and tests["failures"] == tests["errors"] == 0
+    rows = report["bench"]["attention"]
+    assert [(r["refs"], r["mode"]) for r in rows] == [(2, "fwd"), (2, "fwd+bwd")]
+    for r in rows:  # every path timed, and the fused and compiled paths compute what eager does (fp32)
+        assert min(r["eager_ms"], r["compiled_ms"], r["fused_ms"], r["sdpa_ms"]) > 0
+        assert max(r["max_err_vs_eager"].values()) < 1e-4
+    prof = {r["phase"]: r for r in report["profile"]}
+    assert set(prof) == {"build", "sft-2", "sft-3", "sft-4", "rl", "reward-build", "rewards"}
+    assert not any("error" in r for r in prof.values())
+    assert prof["sft-4"]["seq_len"] > prof["sft-2"]["seq_len"] and prof["sft-2"]["seconds"] > 0
+    assert prof["rl"]["ratio_first"] == 1.0 and prof["rl"]["images"] == 2
+    assert all(prof["rewards"][f"{k}_s"] > 0 for k in ("psr", "judge_local", "judge_client", "hps"))
+    hours = report["gpu_hours"]
+    assert hours["sft"]["torch"]["arithmetic"].startswith("350000 samples (8 x 43750 steps)")
+    assert hours["rl"]["arithmetic"].startswith("1000 iterations x 8 prompts") and hours["rl"]["rewards_measured"]
+    assert hours["total_gpu_hours"] == hours["sft"]["torch"]["gpu_hours"] + hours["rl"]["gpu_hours"]
