@@ -301,8 +301,9 @@ def main():
     torch._dynamo.config.cache_size_limit = 64
     result = {"device": name, "torch": torch.__version__, "triton": triton.__version__, "dtype": str(dtype),
               "attention": attention_rows(batches, refs, dims, device, dtype, args.compile_backend)}
-    if not K.INTERPRET:
-        result["tiles"] = {"fwd": str(K._fwd_tuned.best_config), "bwd": str(K._bwd_tuned.best_config)}
+    if not K.INTERPRET:  # the autotuner's picks (absent when the fused path never ran)
+        result["tiles"] = {k: str(getattr(f, "best_config", None)) for k, f in (("fwd", K._fwd_tuned),
+                                                                                 ("bwd", K._bwd_tuned))}
     if not args.no_reward_ops:
         result["reward_ops"] = reward_op_rows(device, args.small)
     if args.out:
