@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from common import parse_config, print_config, write_json
+from common import parse_config, print_config, resize_plan, write_json
 from tiny import tiny_path
 
 
@@ -129,15 +129,10 @@ def crop(image, box):
     return image if b is None else image.crop(b)
 
 
-def resize_plan(w, h):
-    """torchvision's Resize(256) then CenterCrop(224) on a w x h image: the shorter side becomes 256,
-    the longer int(256 * long / short) (truncated, as torchvision computes it); the crop offsets are
-    int(round((size - 224) / 2)). Returns (new_w, new_h, left, top)."""
-    if w <= h:
-        nw, nh = 256, int(256 * h / w)
-    else:
-        nw, nh = int(256 * w / h), 256
-    return nw, nh, int(round((nw - 224) / 2.0)), int(round((nh - 224) / 2.0))
+def int_boxes(boxes, sizes):
+    """Boxes (or None) in images of `sizes` -> the integer pixel boxes crop() takes, the whole image
+    for None or an empty crop: what kernels/reward_ops.py's crop_resize_normalize is given."""
+    return [(None if b is None else crop_box(b, s)) or (0, 0, *s) for b, s in zip(boxes, sizes)]
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -510,8 +505,7 @@ class DinoEmbedder:
             stack = torch.stack([torch.from_numpy(np.asarray(first[u].convert("RGB"))) for u in ids]).to(self.device)
             rows = [j for j, (im, _) in enumerate(pairs) if im.size == size]
             index = torch.tensor([ids.index(id(pairs[j][0])) for j in rows], device=self.device)
-            boxes = [crop_box(pairs[j][1], size) if pairs[j][1] is not None else None for j in rows]
-            boxes = [b or (0, 0, *size) for b in boxes]  # None or empty: the whole image, as crop() does
+            boxes = int_boxes([pairs[j][1] for j in rows], [size] * len(rows))  # None or empty: the whole image
             feats[rows] = self.features(crop_resize_normalize(stack, index, boxes))
         return feats
 

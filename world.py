@@ -43,7 +43,6 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import common
-import tiny
 import sft
 from make_data import (ACTIONS, ATTRIBUTES, BACKGROUNDS, COLORS, SHAPES, TEXTURES, draw_reference, draw_sample,
                        draw_subject)
@@ -180,7 +179,7 @@ def train_vae(cfg, folder):
 # text (as FLUX.1 Kontext can) but has seen only one identity at a time. The text encoders are tiny
 # T5 and CLIP of the real classes, trained with the transformer (the stages then keep them frozen).
 
-WORLD_WORDS = tiny.TINY_WORDS + " outline tilted upside down give one by it ; at centre"
+WORLD_WORDS = common.TINY_WORDS + " outline tilted upside down give one by it ; at centre"
 POSITIONS = {"left": (0.27, 0.5), "right": (0.73, 0.5), "top": (0.5, 0.27), "bottom": (0.5, 0.73),
              "centre": (0.5, 0.5)}
 
@@ -219,7 +218,7 @@ def build_text_encoders(max_len, seed):
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
-    tok = tiny.build_tiny_tokenizer(max_len, WORLD_WORDS)
+    tok = common.build_tiny_tokenizer(max_len, WORLD_WORDS)
     t5 = T5EncoderModel(T5Config(
         vocab_size=len(tok), d_model=64, d_ff=128, d_kv=16, num_layers=2, num_heads=4, dropout_rate=0.0,
         decoder_start_token_id=0, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id))
@@ -338,7 +337,7 @@ def train_base(cfg, folder, vae_folder):
         if (step + 1) % cfg.log_every == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
     ema.copy_to_model()
-    tiny.save_components(dict(transformer=tr.eval(), vae=vae, text_encoder=clip.eval(), tokenizer=tok,
+    common.save_components(dict(transformer=tr.eval(), vae=vae, text_encoder=clip.eval(), tokenizer=tok,
                              text_encoder_2=t5.eval(), tokenizer_2=tok, scheduler=m.scheduler),
                         folder, "FluxKontextPipeline")
 
