@@ -14,7 +14,8 @@ Sections, in order:
   dataset      samples.jsonl and the pre-encoded cache shards that make_data.py writes
   LoRA         adapters on both streams, saved in diffusers' layout; checkpoints
 
-common.py imports no other file of the project.
+common.py imports no other file of the project (tests/test_layout.py holds every file to its layer):
+code a preset plugs in, such as the shapes world's scenes, is reached by name through load_named.
 """
 
 import contextlib
@@ -66,8 +67,7 @@ def _coerce(value, default):
 
 
 # Knobs with a fixed set of values, checked before any model loads.
-CHOICES = {"pe": ("frame", "h", "w", "hw"), "kernels": ("torch", "triton"), "mode": ("strict", "official"),
-           "source": ("procedural", "models")}
+CHOICES = {"pe": ("frame", "h", "w", "hw"), "kernels": ("torch", "triton"), "mode": ("strict", "official")}
 # Knobs every stage takes besides its Config: where runs go and what to do with an earlier run there.
 RUN_KNOBS = {"tag": ("", "runs go to runs/<preset>-<tag>-<stage>; each stage finds its inputs by the same tag"),
              "overwrite": (False, "replace an earlier run in --out made with other settings (else it is refused)")}
@@ -126,6 +126,26 @@ def parse_config(cls, stage, argv=None):
             raise SystemExit(f"--{key} must be one of {', '.join(allowed)}; got {getattr(cfg, key)!r}")
     cfg._explicit = {key for key, _ in pairs}  # knobs given on the command line (adopt_lora_settings)
     return cfg
+
+
+def load_named(spec, knob="name"):
+    """"package.module:attr" -> that object, imported by name. The one place where code a preset or a
+    model folder names gets imported: the shapes world's scenes (make_data's --source), a detector or
+    judge folder's program. The stages never import world/; they read its name here."""
+    import importlib
+
+    module, _, attr = str(spec).partition(":")
+    if not module or not attr:
+        raise SystemExit(f"{knob} must name code as 'package.module:name', got {spec!r}")
+    try:
+        found = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and module.startswith(e.name):  # the named module itself is missing, not one it imports
+            raise SystemExit(f"{knob} {spec!r}: no module {e.name!r} (run from the project folder?)")
+        raise
+    if not hasattr(found, attr):
+        raise SystemExit(f"{knob} {spec!r}: module {module} has no {attr!r}")
+    return getattr(found, attr)
 
 
 def knob_comments(cls):

@@ -185,7 +185,7 @@ def random_reward_models(device, small):
 
 
 def profile_rewards(mix, images, device):
-    from make_data import draw_reference
+    from world.scenes import draw_reference
 
     import random
 
