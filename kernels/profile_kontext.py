@@ -59,7 +59,7 @@ def text_inputs(m, b, device, text_len):
 
 
 def profile_sft(m, n_refs, res, args, kernels):
-    common.use_kernels(m.transformer, kernels)
+    sft.use_kernels(m.transformer, kernels)
     cfg = sft.Config(pe="frame", guidance=2.5)
     lat = res // 8
     g = torch.Generator().manual_seed(1)
@@ -90,7 +90,7 @@ def profile_sft(m, n_refs, res, args, kernels):
 
 
 def profile_rl(m, res, args, kernels, params, opt):
-    common.use_kernels(m.transformer, kernels)
+    sft.use_kernels(m.transformer, kernels)
     cfg = rl.Config(resolution=res, steps=args.rl_steps, group_size=args.group, pe="frame", guidance=2.5)
     lat = res // 8
     g = torch.Generator().manual_seed(2)
@@ -193,7 +193,7 @@ def random_reward_models(device, small):
     detector = rewards.Detector.__new__(rewards.Detector)
     det_proc = rewards.Detector("tiny", "cpu", tiny_dir="tiny-models").processor
     det_proc.image_processor.size = arch["det_size"]
-    detector.__dict__.update(segmenter=None, processor=det_proc, model=gd.eval(), device=device, box_threshold=0.35,
+    detector.__dict__.update(program=None, processor=det_proc, model=gd.eval(), device=device, box_threshold=0.35,
                              text_threshold=0.25)
     embed = rewards.DinoEmbedder.__new__(rewards.DinoEmbedder)
     embed.__dict__.update(model=vit.eval(), device=device, fast=torch.device(device).type == "cuda")
@@ -257,7 +257,7 @@ def profile_rewards(mix, images, device):
     """Seconds and peak memory of each reward term on the group's images: PSR (Grounding DINO +
     DINO), the judge in-process, the judge through its HTTP client (against judge_server, with the
     model and with a fixed answer: the client's own cost), HPSv3."""
-    from make_data import draw_reference
+    from world.scenes import draw_reference
 
     import random
 
