@@ -90,7 +90,7 @@ class Config(RewardConfig):
     build_psrbench: bool = False  # build the procedural PSRBench (held-out ids) at --psrbench if it is missing
     stitch_refs: bool = False     # paste all references side by side into one image: how users give a
                                   # single-reference editor (FLUX.1 Kontext) several subjects today
-    refs: str = ""                # own subjects: comma list of 1 to MAX_REFS reference images, in subject order
+    refs: str = ""                # own subjects: comma list of 1 to 4 (MAX_REFS) reference images, one per subject
     prompt: str = ""              # own subjects: the instruction
     seeds: tuple = (0, 1, 2, 3)   # own subjects: one image per seed (each seed's noise is drawn alone)
     gen_batch: int = 4            # own subjects: seeds sampled at once
@@ -718,6 +718,8 @@ def own_models(cfg):
         stacks = [[sft_l]] if (sft_l / "pytorch_lora_weights.safetensors").exists() else []
         best = resolve_loras(cfg)
         stacks += [best] if best and best not in stacks else []
+        if not stacks:
+            print(f"[bench] no trained run in {sft_l.parent.parent} for this preset and tag: the base model")
         stacks = stacks or [[]]
     else:
         stacks = [[] if spec.strip() in ("", "none") else check_stack([lora_folder(p) for p in spec.split(",") if p])
@@ -756,6 +758,7 @@ def check_own_inputs(cfg):
                          f"references, in order (e.g. --categories {','.join(['dog', 'cat', 'hat', 'cup'][:len(refs)])})")
     if not cfg.seeds:
         raise SystemExit("[bench] --seeds is empty: give one or more integers, e.g. --seeds 0,1,2,3")
+    cfg.seeds = tuple(dict.fromkeys(cfg.seeds))  # a seed given twice is one image
     if cfg.gen_batch < 1:
         raise SystemExit(f"[bench] --gen_batch must be at least 1; got {cfg.gen_batch}")
     if world() > 1:

@@ -331,12 +331,12 @@ def write_refs(folder):
     return paths
 
 
-def tiny_lora(tiny_dir, folder):
+def tiny_lora(tiny_dir, folder, seed=1):
     """A LoRA with non-zero weights, saved as sft.py saves one (settings beside it)."""
     import torch
 
     m = common.load_kontext("tiny", "cpu", torch.float32, tiny_dir)
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     for p in common.add_lora(m.transformer, 4, 4):
         p.data.normal_(0, 0.2)  # peft starts B at zero: a fresh adapter would change nothing
     common.save_lora(m.transformer, folder, settings={"model": "tiny", "pe": "frame", "resolution": 64,
@@ -447,26 +447,31 @@ def test_an_rl_lora_alone_is_refused_naming_its_sft_lora(tmp_path, tiny_dir):
     record = json.loads((rl_l / "config.json").read_text())
     record["inputs"] = {"sft_lora": {"path": str(sft_l.resolve()), "sha256": common.content_hash(sft_l)}}
     (rl_l / "config.json").write_text(json.dumps(record))  # what rl.py's open_run records
+    args = ("--refs", f"{a},{b}", "--prompt", "p", "--seeds", "0", "--steps", "1", "--out", str(tmp_path / "out"))
     with pytest.raises(SystemExit, match=f"give --lora {sft_l.resolve()},{rl_l}"):
-        own(tiny_dir, "--refs", f"{a},{b}", "--prompt", "p", "--lora", str(rl_l), "--model", str(tmp_path / "none"),
-            "--out", str(tmp_path / "out"))
+        own(tiny_dir, *args, "--lora", str(rl_l))
+    out = own(tiny_dir, *args, "--lora", f"{sft_l},{rl_l}")  # on its SFT LoRA it is one model, labelled by RL's run
+    assert (out / "x-rl" / "images" / "seed0.png").exists()
 
 
-def test_one_reference_with_our_lora_matches_flux_kontext_pipeline(tmp_path, tiny_dir):
-    """The README's recipe for one reference: diffusers' FluxKontextPipeline with our LoRA loaded by
-    load_lora_weights, at the LoRA's resolution (max_area, no auto-resize), guidance and text length,
-    gives the image bench.py gives (to one level of 255: rounding)."""
+def test_one_reference_with_our_loras_matches_flux_kontext_pipeline(tmp_path, tiny_dir):
+    """The README's recipe for one reference: diffusers' FluxKontextPipeline with the SFT LoRA loaded by
+    load_lora_weights and fused, then the RL LoRA loaded on top, at the LoRAs' resolution (max_area, no
+    auto-resize), guidance and text length, gives the image bench.py gives (to one level of 255)."""
     import torch
     from diffusers import FluxKontextPipeline
     from PIL import Image
 
     a, _ = write_refs(tmp_path)
-    lora = tiny_lora(tiny_dir, tmp_path / "run" / "lora")
-    out = own(tiny_dir, "--refs", str(a), "--prompt", "the circle on a red background", "--lora", str(lora),
+    sft_l, rl_l = tiny_lora(tiny_dir, tmp_path / "s" / "lora"), tiny_lora(tiny_dir, tmp_path / "run" / "lora", seed=2)
+    out = own(tiny_dir, "--refs", str(a), "--prompt", "the circle on a red background", "--lora", f"{sft_l},{rl_l}",
               "--seeds", "5", "--steps", "3", "--out", str(tmp_path / "own"))
     ours = pixels(out / "run" / "images" / "seed5.png")
     pipe = FluxKontextPipeline.from_pretrained(common.resolve_model("tiny", tiny_dir), dtype=torch.float32)
-    pipe.load_lora_weights(str(lora))
+    pipe.load_lora_weights(str(sft_l), adapter_name="sft")
+    pipe.fuse_lora(adapter_names=["sft"])  # RL trained on the SFT-fused model
+    pipe.unload_lora_weights()
+    pipe.load_lora_weights(str(rl_l), adapter_name="rl")
     h, w = common.ref_size(48, 64, 64 * 64)  # the reference at the LoRA's area, as bench.py sizes it
     with Image.open(a) as im:
         ref = im.convert("RGB").resize((w, h), Image.BICUBIC)
