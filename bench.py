@@ -38,6 +38,7 @@ Run:
 import copy
 import json
 import math
+import os
 import re
 import shutil
 import sys
@@ -761,7 +762,7 @@ def check_own_inputs(cfg):
     cfg.seeds = tuple(dict.fromkeys(cfg.seeds))  # a seed given twice is one image
     if cfg.gen_batch < 1:
         raise SystemExit(f"[bench] --gen_batch must be at least 1; got {cfg.gen_batch}")
-    if world() > 1:
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # read before torch.distributed starts
         raise SystemExit("[bench] --refs runs in one process: start it with python, not torchrun")
     return refs, cats, own_models(cfg)
 
@@ -843,15 +844,14 @@ def score_own(cfg, refs, cats, outputs, device):
     rows = []
     for n, (label, s, p) in enumerate(keys):
         row = {"model": label, "seed": s, "image": str(p), "reward": res["reward"][n], "psr": res["psr"][n],
-               "psr_per_subject": dict(zip(cats, psr["per_subject"][n])),
-               "lost": [c for c, hit in zip(cats, psr["found"][n]) if not hit]}
+               "subjects": [{"category": c, "psr": v, "found": hit}  # in reference order (a category may repeat)
+                            for c, v, hit in zip(cats, psr["per_subject"][n], psr["found"][n])]}
         if judge:
             row.update(judge=res["judge"][n], judge_answer=judge["answers"][n])
         if "hps" in res:
             row["hps"] = res["hps"][n]
         rows.append(row)
-        subjects = ", ".join(f"{c} {v:.3f}" + (" LOST" if c in row["lost"] else "")
-                             for c, v in zip(cats, psr["per_subject"][n]))
+        subjects = ", ".join(f"{x['category']} {x['psr']:.3f}" + ("" if x["found"] else " LOST") for x in row["subjects"])
         verdict = f"  judge {row['judge']:g}/10: {' '.join(row['judge_answer'].split())[:240]}" if judge else ""
         print(f"  {label} seed {s}: reward {row['reward']:.3f}  PSR {row['psr']:.3f} ({subjects}){verdict}")
     return rows
@@ -872,7 +872,7 @@ def own_subjects(cfg):
     outputs = {label: paths for label, (paths, _) in made.items()}
     t_gen = time.time() - t0
     if any(n for _, n in made.values()) and (out / "scores.json").exists() and not cfg.score:
-        (out / "scores.json").unlink()  # it scored images that were just made again or are not all there
+        (out / "scores.json").unlink()  # it scored the images these replace
         print(f"[bench] removed {out / 'scores.json'}: it scored other images; --score scores these")
     columns = []
     for label, paths in outputs.items():

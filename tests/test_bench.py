@@ -411,12 +411,13 @@ def test_own_subjects_from_two_pngs(tmp_path, tiny_dir, capsys):
     scores = json.loads((out / "scores.json").read_text())
     assert len(scores["items"]) == 8
     for row in scores["items"]:
-        assert set(row["psr_per_subject"]) == {"circle", "square"} and "judge_answer" in row
+        assert [x["category"] for x in row["subjects"]] == ["circle", "square"] and "judge_answer" in row
+        assert row["psr"] == pytest.approx(sum(x["psr"] for x in row["subjects"]) / 2)
         assert f"{row['model']} seed {row['seed']}: reward {row['reward']:.3f}" in printed
     assert "circle" in printed and "square" in printed and "judge" in printed
 
 
-def test_own_subjects_refuse_bad_input_before_a_model_loads(tmp_path, tiny_dir):
+def test_own_subjects_refuse_bad_input_before_a_model_loads(tmp_path, tiny_dir, monkeypatch):
     """The model path does not exist: a check made after loading would fail on it instead."""
     a, b = write_refs(tmp_path)
     (tmp_path / "broken.png").write_bytes(b"not a png")
@@ -435,9 +436,14 @@ def test_own_subjects_refuse_bad_input_before_a_model_loads(tmp_path, tiny_dir):
         with pytest.raises(SystemExit, match=message):
             own(tiny_dir, *argv, "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "out"))
         assert not (tmp_path / "out").exists()  # nothing written either
+    args = [x for kv in good.items() for x in kv] + ["--lora", "none", "--model", str(tmp_path / "no-model"),
+                                                    "--out", str(tmp_path / "out")]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="not torchrun"):
+        own(tiny_dir, *args)
+    monkeypatch.delenv("WORLD_SIZE")
     with pytest.raises(OSError, match="no-model"):  # the good command does reach the model, and fails there
-        own(tiny_dir, *[x for kv in good.items() for x in kv], "--lora", "none", "--model", str(tmp_path / "no-model"),
-            "--out", str(tmp_path / "out"))
+        own(tiny_dir, *args)
 
 
 def test_an_rl_lora_alone_is_refused_naming_its_sft_lora(tmp_path, tiny_dir):
