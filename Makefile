@@ -21,12 +21,13 @@ tiny: $(VENV)/.installed
 	echo "[$(PRESET)] all stages took $$total s. Report: runs/$(PRESET)-bench/report.md, radar: runs/$(PRESET)-bench/radar.png,"; \
 	echo "  samples: runs/$(PRESET)-bench/contact_sheet.png, runs/$(PRESET)-sft/samples/, runs/$(PRESET)-rl/samples/"
 
-# The shapes world (world.py): small models trained here on the procedural world, then every stage.
+# The shapes world (world/, built by `python -m world`): small models trained here on its drawn
+# subjects, then every stage.
 # Ends with the paper's table (base / SFT / RL) in runs/shapes-bench/report.md and a contact sheet.
 SB := runs/shapes-bench
 shapes: $(VENV)/.installed
 	@set -e; total=0; t() { SECONDS=0; "$$@"; echo "[shapes] $$1 $$2 took $$SECONDS s"; total=$$((total + SECONDS)); }; \
-	t $(PY) world.py; \
+	t $(PY) -m world; \
 	t $(PY) make_data.py --preset shapes; \
 	t $(PY) sft.py --preset shapes; \
 	t $(PY) rl.py --preset shapes; \
@@ -43,7 +44,7 @@ PES ?= frame h w hw
 SEEDS ?= 0 1
 ABL_STEPS ?= 1000
 shapes-ablation: $(VENV)/.installed
-	@set -e; $(PY) world.py; $(PY) make_data.py --preset shapes; files=""; \
+	@set -e; $(PY) -m world; $(PY) make_data.py --preset shapes; files=""; \
 	for pe in $(PES); do for seed in $(SEEDS); do run=$$pe-s$$seed; \
 	  $(PY) sft.py --preset shapes --pe $$pe --seed $$seed --steps $(ABL_STEPS) --sample_every 0 --out $(ABL)/$$run-sft; \
 	  $(PY) bench.py --preset shapes --psrbench $(SB)/psrbench --pe $$pe --lora $(ABL)/$$run-sft/lora \

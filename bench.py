@@ -89,6 +89,7 @@ class Config(RewardConfig):
     clip: str = "openai/clip-vit-base-patch32"
     tiny_items: int = 2           # items per subset in the procedural PSRBench
     build_psrbench: bool = False  # build the procedural PSRBench (held-out ids) at --psrbench if it is missing
+    source: str = ""              # its drawer, package.module:function, as make_data's --source (the preset's)
     stitch_refs: bool = False     # paste all references side by side into one image: how users give a
                                   # single-reference editor (FLUX.1 Kontext) several subjects today
     refs: str = ""                # own subjects: comma list of 1 to 4 (MAX_REFS) reference images, one per subject
@@ -560,18 +561,21 @@ def write_report(out, models, sheet=None, extra=""):
 
 
 # ----------------------------------------------------------------------------------------------
-# A small PSRBench in the authors' layout, from held-out procedural samples (tiny preset).
+# A small PSRBench in the authors' layout, from held-out samples of a drawn source (make_data.py's
+# --source; the tiny and shapes presets name the shapes world's, "world.scenes:draw_sample").
 
 TASK_OF = {"Attribute": "attribute", "Action": "action", "Background": "background", "Position": "position",
            "Complex": "complex", "Three": "three", "Four": "four"}
 
 
-def build_tiny_psrbench(folder, n, size, seed=12345):
-    from make_data import draw_sample
-
+def build_tiny_psrbench(folder, n, size, source, seed=12345):
     folder = Path(folder)
     if all((folder / f"{s}.json").exists() for s in SUBSETS):
         return folder
+    if not source or source == "models":
+        raise SystemExit("the procedural PSRBench needs --source package.module:function, a drawer as make_data's "
+                         f"(the tiny and shapes presets name one); got {source!r}")
+    draw_sample = common.load_named(source, "--source")
     from common import TASKS
 
     for subset in SUBSETS:
@@ -932,7 +936,7 @@ def main(cfg):
     folder = Path(cfg.psrbench) if cfg.psrbench else out / "psrbench"
     if cfg.build_psrbench or (not cfg.psrbench and cfg.model == "tiny"):
         if rank() == 0:
-            build_tiny_psrbench(folder, cfg.tiny_items, cfg.resolution)
+            build_tiny_psrbench(folder, cfg.tiny_items, cfg.resolution, cfg.source)
         barrier()
     elif not cfg.psrbench:
         raise SystemExit("give --psrbench DIR (the authors' PSRBench folder), or --build_psrbench true for the "

@@ -8,10 +8,14 @@ Sections, in order:
   config       dataclass defaults < configs/<preset>.json < command line
   files        atomic writes, JSONL logs, clear errors for a full or read-only disk, fault injection
   distributed  torchrun's environment; NCCL on GPUs, gloo on CPU
-  models       FLUX.1 Kontext from a diffusers folder or hub id (or `tiny`, built by tiny.py)
+  models       FLUX.1 Kontext from a diffusers folder or hub id, or `tiny`: a seeded random one of the
+               same classes, built here on first use (the other tiny models are tiny.py's)
   encoding     text -> (T5 sequence, CLIP pooled), images <-> normalized VAE latents
   dataset      samples.jsonl and the pre-encoded cache shards that make_data.py writes
   LoRA         adapters on both streams, saved in diffusers' layout; checkpoints
+
+common.py imports no other file of the project (tests/test_layout.py holds every file to its layer):
+code a preset plugs in, such as the shapes world's scenes, is reached by name through load_named.
 """
 
 import contextlib
@@ -63,8 +67,7 @@ def _coerce(value, default):
 
 
 # Knobs with a fixed set of values, checked before any model loads.
-CHOICES = {"pe": ("frame", "h", "w", "hw"), "kernels": ("torch", "triton"), "mode": ("strict", "official"),
-           "source": ("procedural", "models")}
+CHOICES = {"pe": ("frame", "h", "w", "hw"), "kernels": ("torch", "triton"), "mode": ("strict", "official")}
 # Knobs every stage takes besides its Config: where runs go and what to do with an earlier run there.
 RUN_KNOBS = {"tag": ("", "runs go to runs/<preset>-<tag>-<stage>; each stage finds its inputs by the same tag"),
              "overwrite": (False, "replace an earlier run in --out made with other settings (else it is refused)")}
@@ -123,6 +126,26 @@ def parse_config(cls, stage, argv=None):
             raise SystemExit(f"--{key} must be one of {', '.join(allowed)}; got {getattr(cfg, key)!r}")
     cfg._explicit = {key for key, _ in pairs}  # knobs given on the command line (adopt_lora_settings)
     return cfg
+
+
+def load_named(spec, knob="name"):
+    """"package.module:attr" -> that object, imported by name. The one place where code a preset or a
+    model folder names gets imported: the shapes world's scenes (make_data's --source), a detector or
+    judge folder's program. The stages never import world/; they read its name here."""
+    import importlib
+
+    module, _, attr = str(spec).partition(":")
+    if not module or not attr:
+        raise SystemExit(f"{knob} must name code as 'package.module:name', got {spec!r}")
+    try:
+        found = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and module.startswith(e.name):  # the named module itself is missing, not one it imports
+            raise SystemExit(f"{knob} {spec!r}: no module {e.name!r} (run from the project folder?)")
+        raise
+    if not hasattr(found, attr):
+        raise SystemExit(f"{knob} {spec!r}: module {module} has no {attr!r}")
+    return getattr(found, attr)
 
 
 def knob_comments(cls):
@@ -310,6 +333,18 @@ def image_grid(rows, cell=128):
         for j, im in enumerate(row):
             grid.paste(im.convert("RGB").resize((cell, cell)), (j * cell, i * cell))
     return grid
+
+
+def resize_plan(w, h):
+    """torchvision's Resize(256) then CenterCrop(224) on a w x h image: the shorter side becomes 256,
+    the longer int(256 * long / short) (truncated, as torchvision computes it); the crop offsets are
+    int(round((size - 224) / 2)). Returns (new_w, new_h, left, top). DINO's input geometry, here so
+    that rewards.py's PIL path and kernels/reward_ops.py's GPU path share one rule."""
+    if w <= h:
+        nw, nh = 256, int(256 * h / w)
+    else:
+        nw, nh = int(256 * w / h), 256
+    return nw, nh, int(round((nw - 224) / 2.0)), int(round((nh - 224) / 2.0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -594,11 +629,9 @@ def ensure_tiny_model(tiny_dir, name, builder):
 
 
 def resolve_model(name, tiny_dir="tiny-models"):
-    """A local folder or hub id is used as given; `tiny` is built once by tiny.py (seeded, random)."""
+    """A local folder or hub id is used as given; `tiny` is built once (seeded, random) by build_tiny_kontext."""
     if name == "tiny":
-        import tiny  # only the CPU preset and the tests need the builders
-
-        return tiny.tiny_path("kontext", tiny_dir)
+        return str(ensure_tiny_model(tiny_dir, "kontext", build_tiny_kontext))
     return name
 
 
@@ -634,20 +667,6 @@ def autocast(device):
     return contextlib.nullcontext()
 
 
-def use_kernels(transformer, kind):
-    """`triton` swaps every attention processor for the fused RoPE flash attention of kernels/."""
-    if kind == "torch":
-        from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
-
-        transformer.set_attn_processor(FluxAttnProcessor())
-        return
-    if kind != "triton":
-        raise SystemExit(f"--kernels must be torch or triton, got {kind!r}")
-    from kernels.attention import FusedRopeAttnProcessor
-
-    transformer.set_attn_processor(FusedRopeAttnProcessor())
-
-
 KONTEXT_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                           num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
                           guidance_embeds=True, axes_dims_rope=(16, 56, 56))
@@ -681,6 +700,82 @@ def random_kontext(device, dtype=torch.bfloat16, layers=19, single_layers=38, he
         module.eval().requires_grad_(False)
     return Kontext(transformer=transformer, vae=vae, clip=None, clip_tok=None, t5=None, t5_tok=None,
                    scheduler=scheduler, path="random-init", device=torch.device(device), dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# The tiny Kontext: seeded random models of the real classes (transformer, VAE, CLIP and T5 text
+# encoders, one shared BPE tokenizer), small enough for a CPU; what `tiny` in a model knob loads.
+# It is built here, beside load_kontext, so that the loader needs no file above this one; the tiny
+# reward models are tiny.py's.
+
+TINY_WORDS = (
+    "a an the and of with on in at to left right above below under top next near side behind front "
+    "place put show make scene picture photo image background wearing holding sitting standing "
+    "red green blue yellow purple orange white black pink brown gray striped dotted checkered plain "
+    "circle square triangle star diamond hexagon cross ring dog cat hat scarf chef table chair "
+    "is are it its their them together beside between small large big bright dark new other alone"
+)
+
+
+def build_tiny_tokenizer(max_len, words=TINY_WORDS):
+    """A small BPE tokenizer trained locally with the `tokenizers` library (no download); `words` are
+    the corpus, so each of them ends up one token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<unk>", "<s>", "</s>"])
+    corpus = words.split() + [words] * 4 + list("abcdefghijklmnopqrstuvwxyz0123456789.,")
+    tok.train_from_iterator(corpus, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", 2), ("</s>", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", unk_token="<unk>", model_max_length=max_len)
+
+
+def build_tiny_kontext(folder):
+    save_components(tiny_kontext_components(), folder, "FluxKontextPipeline")
+
+
+def tiny_kontext_components(seed=0):
+    """Seeded random models of the real classes, small enough for CPU (head dim 64 as the kernels want)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tok = build_tiny_tokenizer(16)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=64,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+        axes_dims_rope=(8, 28, 28))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 16, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1, norm_num_groups=8, use_quant_conv=False, use_post_quant_conv=False,
+        scaling_factor=0.3611, shift_factor=0.1159)
+    clip = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=16, projection_dim=32,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    t5 = T5EncoderModel(T5Config(
+        vocab_size=len(tok), d_model=32, d_ff=64, d_kv=16, num_layers=1, num_heads=2,
+        decoder_start_token_id=0, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id))
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096)
+    return dict(transformer=transformer, vae=vae, text_encoder=clip, tokenizer=tok,
+                text_encoder_2=t5, tokenizer_2=tok, scheduler=scheduler)
+
+
+def save_components(components, folder, pipeline_class):
+    """Writes a diffusers pipeline folder (model_index.json plus one subfolder per component)."""
+    index = {"_class_name": pipeline_class, "_diffusers_version": "0.0"}
+    for name, module in components.items():
+        module.save_pretrained(Path(folder) / name)
+        lib = "diffusers" if type(module).__module__.startswith("diffusers") else "transformers"
+        index[name] = [lib, type(module).__name__]
+    (Path(folder) / "model_index.json").write_text(json.dumps(index, indent=1))
 
 
 # ----------------------------------------------------------------------------------------------

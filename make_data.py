@@ -1,24 +1,26 @@
 """
 make_data.py - multi-subject training data for PSR (stage 1), in the dataset format of DESIGN 2.1.
 
-Two sources behind one writer:
-  models      the paper's pipeline. Stage A: an LLM writes a scene prompt with n subjects and one
-              new-context prompt per subject; FLUX.1-dev renders the scene; Grounding DINO finds and
-              crops each subject; FLUX.1 Kontext re-renders each crop in its new context -> the
-              references. Filters drop scenes where a subject is missing, doubled or tiny, and
-              references that drifted from their crop (DINO). Stage B: Kontext re-edits an attribute
-              or action for the tasks that need it, and a VLM writes the final instruction, naming
-              subjects by category only (checked against the scene prompt's appearance words).
-  procedural  draws subjects as distinct textured shapes: each reference shows one alone (another
-              pose, another backdrop), the target composes them as the instruction says. It needs no
-              model, so the tiny preset's pictures mean something.
-The cache (VAE latents, T5/CLIP embeddings) is then encoded so sft.py never runs the encoders.
+The paper's pipeline (--source models, the default). Stage A: an LLM writes a scene prompt with n
+subjects and one new-context prompt per subject; FLUX.1-dev renders the scene; Grounding DINO finds
+and crops each subject; FLUX.1 Kontext re-renders each crop in its new context -> the references.
+Filters drop scenes where a subject is missing, doubled or tiny, and references that drifted from
+their crop (DINO). Stage B: Kontext re-edits an attribute or action for the tasks that need it, and
+a VLM writes the final instruction, naming subjects by category only (checked against the scene
+prompt's appearance words). The cache (VAE latents, T5/CLIP embeddings) is then encoded so sft.py
+never runs the encoders.
+
+A drawn source instead (--source package.module:function, named by a preset): a function
+draw(index, seed, size, task_mix, id_offset) -> (id, task, instruction, subjects, target, refs, meta)
+that needs no model. The tiny and shapes presets name the shapes world's, "world.scenes:draw_sample"
+(distinct textured shapes, composed as the instruction says), so the tiny preset's pictures mean
+something; this file never imports the world (common.load_named finds it by that name).
 
 Each sample is a pure function of (seed, index): reruns skip finished ids, ranks split the ids,
 and any two runs with the same seed write the same dataset.
 
 Run:
-    python make_data.py --preset tiny                      # data/tiny/, procedural, CPU, seconds
+    python make_data.py --preset tiny                      # data/tiny/, the world's drawn shapes, CPU, seconds
     python make_data.py --preset tiny --preview 8          # plus preview.png, a contact sheet
     python make_data.py --preset tiny-models               # the whole model pipeline, tiny random models
     torchrun --nproc_per_node 8 make_data.py --preset kontext --llm http://llm:8000/v1 --llm_model Qwen2.5-7B-Instruct \
@@ -34,11 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from tqdm.auto import tqdm
 
 from common import (KONTEXT_ID, ROOT, TASKS, append_jsonl, barrier, build_cache, data_dir, ensure_writable,
-                    image_grid, load_kontext, load_samples, maybe_die, model_dtype, open_run, parse_config,
+                    image_grid, load_kontext, load_named, load_samples, maybe_die, model_dtype, open_run, parse_config,
                     print_config, rank, read_jsonl, resolve_model, run_stage, save_png, setup_dist, world,
                     write_json)
 from rewards import iou
@@ -48,7 +50,7 @@ from rewards import iou
 class Config:
     preset: str = ""
     out: str = ""                 # default data/<preset>
-    source: str = "procedural"
+    source: str = "models"        # models (the paper's pipeline) | package.module:function, a drawer (see above)
     n_samples: int = 350000
     resolution: int = 512
     task_mix: tuple = (1.0, 1.0, 1.0, 1.0, 1.0, 0.5, 0.5)  # weights in TASKS order
@@ -90,171 +92,6 @@ class Config:
 
 
 # ----------------------------------------------------------------------------------------------
-# Procedural subjects: a category (the shape) and an identity (colour, texture) that only the
-# reference shows, since instructions name subjects by category alone.
-
-SHAPES = ("circle", "square", "triangle", "star", "diamond", "hexagon", "cross", "ring")
-COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30),
-          "purple": (140, 50, 170), "orange": (240, 130, 20), "pink": (240, 120, 180), "brown": (130, 80, 40)}
-TEXTURES = ("plain", "striped", "dotted", "checkered")
-BACKGROUNDS = {"white": (245, 245, 245), "gray": (150, 150, 150), "black": (25, 25, 25),
-               "blue": (120, 170, 230), "green": (140, 200, 140), "yellow": (240, 225, 150)}
-ATTRIBUTES = {"a black outline": "outline", "a small hat": "hat"}
-ACTIONS = {"tilted to one side": 30, "upside down": 180}
-RELATIONS = ("to the left of", "to the right of", "above", "below")
-
-
-def shape_points(shape, cx, cy, r, angle):
-    def rot(pts):
-        a = math.radians(angle)
-        return [(cx + x * math.cos(a) - y * math.sin(a), cy + x * math.sin(a) + y * math.cos(a)) for x, y in pts]
-
-    if shape in ("circle", "ring"):
-        return None
-    if shape == "square":
-        return rot([(-r, -r), (r, -r), (r, r), (-r, r)])
-    if shape == "diamond":
-        return rot([(0, -r), (r * 0.7, 0), (0, r), (-r * 0.7, 0)])
-    if shape == "triangle":
-        return rot([(0, -r), (r * 0.95, r * 0.8), (-r * 0.95, r * 0.8)])
-    if shape == "hexagon":
-        return rot([(r * math.cos(math.pi / 3 * i), r * math.sin(math.pi / 3 * i)) for i in range(6)])
-    if shape == "star":
-        return rot([((r if i % 2 == 0 else r * 0.45) * math.cos(math.pi / 5 * i - math.pi / 2),
-                     (r if i % 2 == 0 else r * 0.45) * math.sin(math.pi / 5 * i - math.pi / 2)) for i in range(10)])
-    if shape == "cross":
-        t = r * 0.35
-        return rot([(-t, -r), (t, -r), (t, -t), (r, -t), (r, t), (t, t), (t, r), (-t, r), (-t, t), (-r, t),
-                    (-r, -t), (-t, -t)])
-    raise ValueError(f"unknown shape {shape!r}")
-
-
-def texture_fill(size, color, texture, phase):
-    """An RGB layer of the subject's colour and texture; the shape mask cuts the subject from it."""
-    layer = Image.new("RGB", size, color)
-    d = ImageDraw.Draw(layer)
-    dark = tuple(int(c * 0.45) for c in color)
-    step = max(4, size[0] // 10)
-    if texture == "striped":
-        for x in range(-size[1], size[0], step):
-            d.line([(x + phase, 0), (x + phase + size[1], size[1])], fill=dark, width=max(1, step // 3))
-    elif texture == "dotted":
-        for y in range(step // 2, size[1], step):
-            for x in range(step // 2, size[0], step):
-                d.ellipse([x - step // 4, y - step // 4, x + step // 4, y + step // 4], fill=dark)
-    elif texture == "checkered":
-        for y in range(0, size[1], step):
-            for x in range(0, size[0], step):
-                if (x // step + y // step) % 2:
-                    d.rectangle([x, y, x + step - 1, y + step - 1], fill=dark)
-    return layer
-
-
-def draw_subject(canvas, subject, cx, cy, r, angle=0.0, attribute=None):
-    """Paints one subject centred at (cx, cy) with radius r; returns its box (x1, y1, x2, y2)."""
-    w, h = canvas.size
-    mask = Image.new("L", (w, h), 0)
-    md = ImageDraw.Draw(mask)
-    pts = shape_points(subject["shape"], cx, cy, r, angle)
-    if pts is None:
-        md.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
-        if subject["shape"] == "ring":
-            md.ellipse([cx - r * 0.5, cy - r * 0.5, cx + r * 0.5, cy + r * 0.5], fill=0)
-    else:
-        md.polygon(pts, fill=255)
-    canvas.paste(texture_fill((w, h), COLORS[subject["color"]], subject["texture"], subject["phase"]), (0, 0), mask)
-    d = ImageDraw.Draw(canvas)
-    if attribute == "outline":
-        if pts is None:
-            d.ellipse([cx - r, cy - r, cx + r, cy + r], outline=(0, 0, 0), width=max(2, int(r / 8)))
-        else:
-            d.polygon(pts, outline=(0, 0, 0), width=max(2, int(r / 8)))
-    elif attribute == "hat":
-        d.polygon([(cx - r * 0.5, cy - r * 0.9), (cx + r * 0.5, cy - r * 0.9), (cx, cy - r * 1.6)], fill=(20, 20, 20))
-    return (cx - r, cy - r * (1.6 if attribute == "hat" else 1.0), cx + r, cy + r)
-
-
-def draw_reference(subject, size, rng):
-    """The subject alone, in another pose and on another backdrop, so SFT cannot copy pixels."""
-    bg = tuple(int(v) for v in rng.choice([(230, 230, 220), (210, 225, 235), (235, 215, 215), (220, 235, 215)]))
-    im = Image.new("RGB", (size, size), bg)
-    r = size * rng.uniform(0.28, 0.38)
-    draw_subject(im, subject, size / 2 + rng.uniform(-0.08, 0.08) * size,
-                 size / 2 + rng.uniform(-0.08, 0.08) * size, r, angle=rng.uniform(-25, 25))
-    return im
-
-
-def layout(n, size, rng, relation=None):
-    """Subject centres and radius: a row for most tasks, the named relation for `position`."""
-    r = size / (2.6 * max(n, 2))
-    if relation is not None:
-        a, b = (0.3, 0.5), (0.7, 0.5)
-        if relation == "to the right of":
-            a, b = b, a
-        elif relation == "above":
-            a, b = (0.5, 0.28), (0.5, 0.72)
-        elif relation == "below":
-            a, b = (0.5, 0.72), (0.5, 0.28)
-        return [(a[0] * size, a[1] * size), (b[0] * size, b[1] * size)], size * 0.17
-    if n <= 2:
-        xs = [(i + 0.5) / n for i in range(n)]
-        return [(x * size, size * (0.5 + rng.uniform(-0.1, 0.1))) for x in xs], r
-    # 3-4 subjects go on a 2x2 grid (reading order) rather than a row, so each keeps the size it has
-    # in a pair: at small resolutions a row of four leaves subjects a few pixels wide.
-    cells = [(0.27, 0.3), (0.73, 0.3), (0.27, 0.76), (0.73, 0.76)][:n]
-    if n == 3:
-        cells[2] = (0.5, 0.76)
-    return [(x * size + rng.uniform(-0.03, 0.03) * size, y * size + rng.uniform(-0.03, 0.03) * size)
-            for x, y in cells], size / 5.6
-
-
-def draw_sample(index, seed, size, task_mix, id_offset=0):
-    """Everything about sample `index` follows from (seed, index): subjects, instruction, images."""
-    rng = random.Random(f"{seed}-{index + id_offset}")
-    task = rng.choices(TASKS, weights=task_mix)[0]
-    n = {"three": 3, "four": 4}.get(task, 2)
-    shapes = rng.sample(SHAPES, n)
-    subjects = [{"shape": s, "color": rng.choice(list(COLORS)), "texture": rng.choice(TEXTURES),
-                 "phase": rng.randrange(8)} for s in shapes]
-    bg_name = "white"
-    attr = {}
-    angle = {}
-    relation = None
-    names = [f"the {s['shape']}" for s in subjects]
-    listed = ", ".join(names[:-1]) + f" and {names[-1]}"
-    if task == "attribute":
-        k, phrase = rng.randrange(n), rng.choice(list(ATTRIBUTES))
-        attr[k] = ATTRIBUTES[phrase]
-        instruction = f"Show {listed} together; give {names[k]} {phrase}."
-    elif task == "action":
-        k, phrase = rng.randrange(n), rng.choice(list(ACTIONS))
-        angle[k] = ACTIONS[phrase]
-        instruction = f"Show {listed} side by side, with {names[k]} {phrase}."
-    elif task == "background":
-        bg_name = rng.choice([b for b in BACKGROUNDS if b != "white"])
-        instruction = f"Place {listed} on a {bg_name} background."
-    elif task == "position":
-        relation = rng.choice(RELATIONS)
-        instruction = f"Put {names[0]} {relation} {names[1]}."
-    elif task == "complex":
-        bg_name = rng.choice([b for b in BACKGROUNDS if b != "white"])
-        k, phrase = rng.randrange(n), rng.choice(list(ATTRIBUTES))
-        attr[k] = ATTRIBUTES[phrase]
-        instruction = f"On a {bg_name} background, show {listed}; give {names[k]} {phrase}."
-    else:
-        instruction = f"Show {listed} together in one picture."
-    target = Image.new("RGB", (size, size), BACKGROUNDS[bg_name])
-    centres, r = layout(n, size, rng, relation)
-    boxes = [draw_subject(target, s, cx, cy, r, angle.get(k, 0.0), attr.get(k))
-             for k, (s, (cx, cy)) in enumerate(zip(subjects, centres))]
-    refs = [draw_reference(s, size, rng) for s in subjects]
-    sid = f"{task}-{index + id_offset:07d}"
-    meta = {"source": "procedural", "identities": [{k: s[k] for k in ("color", "texture")} for s in subjects],
-            "boxes": [[round(v, 1) for v in b] for b in boxes], "background": bg_name, "relation": relation}
-    return sid, task, instruction, subjects, target, refs, meta
-
-
-# ----------------------------------------------------------------------------------------------
 # Writer: images first, then the samples.jsonl line, so a listed sample always has its files.
 
 def ids_in(path):
@@ -290,21 +127,6 @@ def merge_rank_files(out):
     for path in out.glob("samples.rank*.jsonl"):
         path.unlink()
     return ordered
-
-
-def make_procedural(cfg, out):
-    shard_file = Path(out) / f"samples.rank{rank():03d}.jsonl"
-    done = ids_in(Path(out) / "samples.jsonl") | ids_in(shard_file)
-    mine = [i for i in range(cfg.n_samples) if i % world() == rank()]
-    t0, made = time.time(), 0
-    for i in tqdm(mine, desc=f"draw (rank {rank()})", disable=rank() != 0):
-        sid, *rest = draw_sample(i, cfg.seed, cfg.resolution, cfg.task_mix, cfg.id_offset)
-        if sid in done:
-            continue
-        write_sample(out, sid, *rest, shard_file)
-        made += 1
-        maybe_die("make_data", made)
-    return made, time.time() - t0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1220,6 +1042,25 @@ def make_models(cfg, out, device):
     return total
 
 
+# ----------------------------------------------------------------------------------------------
+# A drawn source (named by the preset): no model, each sample drawn from (seed, index).
+
+def make_drawn(cfg, out, draw):
+    """The drawn source: sample i is draw(i, seed, ...), written unless an earlier run listed it."""
+    shard_file = Path(out) / f"samples.rank{rank():03d}.jsonl"
+    done = ids_in(Path(out) / "samples.jsonl") | ids_in(shard_file)
+    mine = [i for i in range(cfg.n_samples) if i % world() == rank()]
+    t0, made = time.time(), 0
+    for i in tqdm(mine, desc=f"draw (rank {rank()})", disable=rank() != 0):
+        sid, *rest = draw(i, cfg.seed, cfg.resolution, cfg.task_mix, cfg.id_offset)
+        if sid in done:
+            continue
+        write_sample(out, sid, *rest, shard_file)
+        made += 1
+        maybe_die("make_data", made)
+    return made, time.time() - t0
+
+
 def drop_summary(out):
     counts = {}
     for p in Path(out).glob("drops.rank*.jsonl"):
@@ -1255,14 +1096,15 @@ def models_manifest(stats, samples, out):
 
 
 def main(cfg):
+    draw = None if cfg.source == "models" else load_named(cfg.source, "--source")  # a bad name stops here
     device = setup_dist(cfg.device)
     out = data_dir(cfg) if not cfg.out else Path(cfg.out)
     print_config(cfg, "make_data", out)
     ensure_writable(out, "make_data")
     open_run(out, cfg, "make_data", extend=("n_samples", "max_draws"))
     t0 = time.time()
-    if cfg.source == "procedural":
-        made, secs = make_procedural(cfg, out)
+    if cfg.source != "models":
+        made, secs = make_drawn(cfg, out, draw)
     else:
         stats = make_models(cfg, out, device)
         made, secs = stats["made"], time.time() - t0

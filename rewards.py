@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from common import parse_config, print_config, write_json
+from common import load_named, parse_config, print_config, resize_plan, write_json
 from tiny import tiny_path
 
 
@@ -129,15 +129,10 @@ def crop(image, box):
     return image if b is None else image.crop(b)
 
 
-def resize_plan(w, h):
-    """torchvision's Resize(256) then CenterCrop(224) on a w x h image: the shorter side becomes 256,
-    the longer int(256 * long / short) (truncated, as torchvision computes it); the crop offsets are
-    int(round((size - 224) / 2)). Returns (new_w, new_h, left, top)."""
-    if w <= h:
-        nw, nh = 256, int(256 * h / w)
-    else:
-        nw, nh = int(256 * w / h), 256
-    return nw, nh, int(round((nw - 224) / 2.0)), int(round((nh - 224) / 2.0))
+def int_boxes(boxes, sizes):
+    """Boxes (or None) in images of `sizes` -> the integer pixel boxes crop() takes, the whole image
+    for None or an empty crop: what kernels/reward_ops.py's crop_resize_normalize is given."""
+    return [(None if b is None else crop_box(b, s)) or (0, 0, *s) for b, s in zip(boxes, sizes)]
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -325,8 +320,9 @@ class Detector:
         from transformers import AutoProcessor, GroundingDinoForObjectDetection
 
         path = tiny_path("detector", tiny_dir) if name == "tiny" else name
-        self.segmenter = SegmenterDetector(path, device, box_threshold) if is_segmenter(path) else None
-        if self.segmenter is not None:
+        # a folder holding detector.json names its own detector program (the shapes world's segmenter)
+        self.program = load_program(path, "detector.json", device=device, box_threshold=box_threshold)
+        if self.program is not None:
             return
         self.processor = AutoProcessor.from_pretrained(path)
         self.model = GroundingDinoForObjectDetection.from_pretrained(path).to(device).eval()
@@ -338,8 +334,8 @@ class Detector:
     def __call__(self, images, categories, batch_size=16):
         """Batches (image, caption) calls of one image size together: padding an image to its batch's
         size changes what the backbone sees, so a mixed-size batch would not give the single answer."""
-        if self.segmenter is not None:
-            return self.segmenter(images, categories, batch_size)
+        if self.program is not None:
+            return self.program(images, categories, batch_size)
         calls = [(i, cap) for i, cats in enumerate(categories) for cap in dict.fromkeys(map(label, cats))]
         by_size = {}
         for n, (i, _) in enumerate(calls):
@@ -374,96 +370,6 @@ class Detector:
             keep = torch.nonzero(best[b] > self.box_threshold).flatten().tolist()
             found.append([(tuple(corners[b, q].tolist()), float(best[b, q])) for q in keep])
         return found
-
-
-def is_segmenter(path):
-    """True when `path` (a local folder or hub id) holds a semantic segmentation model."""
-    cfg_file = Path(path) / "config.json"
-    try:
-        if cfg_file.is_file():
-            cfg = json.loads(cfg_file.read_text())
-        else:
-            from transformers import AutoConfig
-
-            cfg = AutoConfig.from_pretrained(path).to_dict()
-    except Exception:  # not readable here: leave it to the Grounding DINO loader and its own error
-        return False
-    return cfg.get("model_type") == "segformer" or any(
-        a.endswith("ForSemanticSegmentation") for a in cfg.get("architectures") or [])
-
-
-def connected_components(mask):
-    """8-connected components of a boolean [H, W] array -> list of (ys, xs) index arrays."""
-    mask = np.asarray(mask, dtype=bool)
-    h, w = mask.shape
-    seen = np.zeros_like(mask)
-    out = []
-    for y0, x0 in zip(*np.nonzero(mask)):
-        if seen[y0, x0]:
-            continue
-        seen[y0, x0] = True
-        stack, ys, xs = [(y0, x0)], [], []
-        while stack:
-            y, x = stack.pop()
-            ys.append(y)
-            xs.append(x)
-            for ny in (y - 1, y, y + 1):
-                for nx in (x - 1, x, x + 1):
-                    if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not seen[ny, nx]:
-                        seen[ny, nx] = True
-                        stack.append((ny, nx))
-        out.append((np.array(ys), np.array(xs)))
-    return out
-
-
-class SegmenterDetector:
-    """A semantic segmenter whose labels are categories acts as the detector: each connected
-    component of pixels whose most likely label is a category is one box of it, scored by the
-    mean probability of that label over the component. Same answer as Detector: per image
-    {category: [(box, score), ...] best first}, for the asked categories (lowercased) only."""
-
-    def __init__(self, path, device="cpu", box_threshold=0.35, min_area=0.004):
-        from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
-
-        self.processor = AutoImageProcessor.from_pretrained(path)
-        self.model = AutoModelForSemanticSegmentation.from_pretrained(path).to(device).eval()
-        self.labels = {str(v).strip().lower(): int(k) for k, v in self.model.config.id2label.items()}
-        # min_area: components smaller than this fraction of the image (4 pixels at 32x32) are noise
-        self.device, self.box_threshold, self.min_area = device, box_threshold, min_area
-
-    @torch.no_grad()
-    def probs(self, images, batch_size=64):
-        """PIL images -> per image [labels, H, W] probabilities at the image's own size."""
-        out = []
-        for i in range(0, len(images), batch_size):
-            chunk = [im.convert("RGB") for im in images[i: i + batch_size]]
-            px = self.processor(images=chunk, return_tensors="pt")["pixel_values"]
-            logits = self.model(pixel_values=px.to(self.device, self.model.dtype)).logits.float()
-            for im, lg in zip(chunk, logits):
-                up = F.interpolate(lg[None], size=(im.size[1], im.size[0]), mode="bilinear", align_corners=False)
-                out.append(up[0].softmax(0).cpu())
-        return out
-
-    def boxes(self, prob, categories):
-        """One image's [labels, H, W] probabilities -> {category: [(box, score), ...] best first}."""
-        best = prob.argmax(0).numpy()
-        min_pixels = max(1, int(round(self.min_area * best.size)))
-        found = {}
-        for c in dict.fromkeys(c.strip().lower() for c in categories):
-            found[c] = []
-            if c not in self.labels:
-                continue
-            p = prob[self.labels[c]].numpy()
-            for ys, xs in connected_components(best == self.labels[c]):
-                score = float(p[ys, xs].mean())
-                if len(ys) >= min_pixels and score > self.box_threshold:
-                    box = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
-                    found[c].append((box, score))
-            found[c].sort(key=lambda bs: -bs[1])
-        return found
-
-    def __call__(self, images, categories, batch_size=16):
-        return [self.boxes(p, cats) for p, cats in zip(self.probs(images, batch_size), categories)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -510,8 +416,7 @@ class DinoEmbedder:
             stack = torch.stack([torch.from_numpy(np.asarray(first[u].convert("RGB"))) for u in ids]).to(self.device)
             rows = [j for j, (im, _) in enumerate(pairs) if im.size == size]
             index = torch.tensor([ids.index(id(pairs[j][0])) for j in rows], device=self.device)
-            boxes = [crop_box(pairs[j][1], size) if pairs[j][1] is not None else None for j in rows]
-            boxes = [b or (0, 0, *size) for b in boxes]  # None or empty: the whole image, as crop() does
+            boxes = int_boxes([pairs[j][1] for j in rows], [size] * len(rows))  # None or empty: the whole image
             feats[rows] = self.features(crop_resize_normalize(stack, index, boxes))
         return feats
 
@@ -687,7 +592,7 @@ class LocalJudge:
         from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
         path = tiny_path("judge", tiny_dir) if name == "tiny" else name
-        self.program = load_program_judge(path, device) if (Path(path) / "judge.json").is_file() else None
+        self.program = load_program(path, "judge.json", device=device)
         if self.program is not None:
             return
         self.tok = AutoTokenizer.from_pretrained(path)
@@ -712,19 +617,22 @@ class LocalJudge:
         return out
 
 
-def load_program_judge(folder, device="cpu"):
-    """A judge folder holding judge.json ({"program": "module:Class", ...}) is a program, not a VLM:
-    Class(folder, device=device) must answer judge(images, prompts, batch_size) -> answer strings.
-    The module is imported from the folder itself when it holds module.py, else from the path."""
-    import importlib
+def load_program(folder, spec_file, **kw):
+    """A model folder holding `spec_file` ({"program": "module:Class", ...}: detector.json,
+    judge.json) is a program, not a checkpoint: Class(folder, **kw) stands in for the model and
+    answers as the class asking does (a detector: per-image boxes; a judge: answer strings). None
+    when the folder has no such file. The module is imported from the folder itself when it holds
+    module.py, else by name (common.load_named): how the shapes world's models reach the stages."""
     import sys
 
     folder = Path(folder)
-    spec = json.loads((folder / "judge.json").read_text())
-    module, _, cls = spec["program"].partition(":")
+    if not (folder / spec_file).is_file():
+        return None
+    spec = json.loads((folder / spec_file).read_text())
+    module = spec["program"].partition(":")[0]
     if (folder / f"{module}.py").is_file() and str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
-    return getattr(importlib.import_module(module), cls)(str(folder), device=device)
+    return load_named(spec["program"], f"{folder / spec_file} program")(str(folder), **kw)
 
 
 def judge_scores(judge, images, instructions, subsets, templates=None, fallback=0.0, batch_size=8):

@@ -588,7 +588,7 @@ def main(cfg):
     if cfg.beta > 0 and cfg.noise_level <= 0:
         raise SystemExit("--beta > 0 needs --noise_level > 0: the KL term divides by the step's std")
     m = common.load_kontext(cfg.model, device, common.model_dtype(device), cfg.tiny_dir)
-    common.use_kernels(m.transformer, cfg.kernels)
+    sft.use_kernels(m.transformer, cfg.kernels)
     samples, cache = common.load_dataset(m, data_dir, cfg.resolution, cfg.max_text_len)
     if len(samples) < cfg.n_eval + cfg.prompts_per_iter:
         raise SystemExit(f"{data_dir} has {len(samples)} samples; rl holds out n_eval={cfg.n_eval} and draws "

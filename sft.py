@@ -18,7 +18,7 @@ method (config parsing, files, ranks, model loading, the dataset cache, LoRA I/O
 
 Run:
     python sft.py --preset tiny                       # CPU, tiny random models, about a minute
-    python sft.py --preset shapes                     # CPU, the shapes world (after world.py)
+    python sft.py --preset shapes                     # CPU, the shapes world (after python -m world)
     python sft.py --preset kontext --model /models/FLUX.1-Kontext-dev            # one GPU
     torchrun --nproc_per_node 8 sft.py --preset kontext --model /models/FLUX.1-Kontext-dev
 Any knob can be overridden: `python sft.py --preset tiny --lr 3e-5 --steps 100`.
@@ -46,7 +46,7 @@ from common import (KONTEXT_ID, MODEL_SETTINGS, add_lora, append_jsonl, autocast
                     encode_images, encode_text, ensure_writable, image_grid, line_chart, load_checkpoint,
                     load_dataset, load_kontext, maybe_die, model_dtype, open_image, open_run, parse_config,
                     pil_to_tensor, print_config, rank, read_jsonl, ref_size, run_stage, save_checkpoint, save_lora,
-                    save_png, setup_dist, stage_dir, tensor_to_pil, truncate_log, unwrap, use_kernels, world)
+                    save_png, setup_dist, stage_dir, tensor_to_pil, truncate_log, unwrap, world)
 
 
 @dataclass
@@ -146,6 +146,20 @@ def velocity(m, x_t, refs, sigma, t5, pooled, target_hw, ref_hws, pe="frame", gu
              timestep=sigma.to(x_t.dtype), img_ids=img_ids, txt_ids=txt_ids, guidance=g,
              return_dict=False)[0]
     return out[:, : x_t.shape[1]]
+
+
+def use_kernels(transformer, kind):
+    """`triton` swaps every attention processor for the fused RoPE flash attention of kernels/."""
+    if kind == "torch":
+        from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+        transformer.set_attn_processor(FluxAttnProcessor())
+        return
+    if kind != "triton":
+        raise SystemExit(f"--kernels must be torch or triton, got {kind!r}")
+    from kernels.attention import FusedRopeAttnProcessor
+
+    transformer.set_attn_processor(FusedRopeAttnProcessor())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,96 +6,28 @@ on these: each builder makes a model of the very class the real checkpoint uses 
 AutoencoderKL, CLIP, T5, Grounding DINO, DINO ViT, Qwen2.5-VL, HPSv3's Qwen2-VL, a Qwen2 LLM), saves
 it with `save_pretrained` and the stages load it back with `from_pretrained`. Tokenizers are trained
 locally with the `tokenizers` library. The weights are random, so their pictures are noise: the
-shapes world (world.py) trains small models of the same classes that do learn.
+shapes world (world/, `python -m world`) trains small models of the same classes that do learn.
 
 Every stage names a tiny model by the string "tiny" in its model knob; `tiny_path(kind, tiny_dir)`
-builds it once (rank 0, atomically) and returns its folder.
+builds it once (rank 0, atomically) and returns its folder. The tiny Kontext itself is built in
+common.py beside load_kontext (the loader resolves "tiny" without importing this file); tiny.py
+imports only common.py, and each checkpoint here is written from its published format, not with
+the stages' loaders, so that loading it tests those loaders.
 """
 
-import json
 import re
 from pathlib import Path
 
 import torch
 
-from common import ensure_tiny_model
+from common import build_tiny_kontext, build_tiny_tokenizer, ensure_tiny_model
 
 
 def tiny_path(name, tiny_dir):
     """The folder of tiny model `name`, built on first use."""
-    builders = {"kontext": lambda d: save_components(tiny_kontext_components(), d, "FluxKontextPipeline"),
-                "detector": tiny_grounding_dino, "dino": tiny_dino, "judge": tiny_qwen_vl, "hpsv3": tiny_hpsv3,
-                "clip": tiny_clip, "llm": tiny_llm}
+    builders = {"kontext": build_tiny_kontext, "detector": tiny_grounding_dino, "dino": tiny_dino,
+                "judge": tiny_qwen_vl, "hpsv3": tiny_hpsv3, "clip": tiny_clip, "llm": tiny_llm}
     return str(ensure_tiny_model(tiny_dir, name, builders[name]))
-
-
-# ----------------------------------------------------------------------------------------------
-# FLUX.1 Kontext: transformer, VAE, CLIP and T5 text encoders, one shared BPE tokenizer.
-
-TINY_WORDS = (
-    "a an the and of with on in at to left right above below under top next near side behind front "
-    "place put show make scene picture photo image background wearing holding sitting standing "
-    "red green blue yellow purple orange white black pink brown gray striped dotted checkered plain "
-    "circle square triangle star diamond hexagon cross ring dog cat hat scarf chef table chair "
-    "is are it its their them together beside between small large big bright dark new other alone"
-)
-
-
-def build_tiny_tokenizer(max_len, words=TINY_WORDS):
-    """A small BPE tokenizer trained locally with the `tokenizers` library (no download); `words` are
-    the corpus, so each of them ends up one token."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<unk>", "<s>", "</s>"])
-    corpus = words.split() + [words] * 4 + list("abcdefghijklmnopqrstuvwxyz0123456789.,")
-    tok.train_from_iterator(corpus, trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", special_tokens=[("<s>", 2), ("</s>", 3)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", unk_token="<unk>", model_max_length=max_len)
-
-
-def tiny_kontext_components(seed=0):
-    """Seeded random models of the real classes, small enough for CPU (head dim 64 as the kernels want)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
-    torch.manual_seed(seed)
-    tok = build_tiny_tokenizer(16)
-    transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=64,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
-        axes_dims_rope=(8, 28, 28))
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 16, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1, norm_num_groups=8, use_quant_conv=False, use_post_quant_conv=False,
-        scaling_factor=0.3611, shift_factor=0.1159)
-    clip = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, max_position_embeddings=16, projection_dim=32,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
-    t5 = T5EncoderModel(T5Config(
-        vocab_size=len(tok), d_model=32, d_ff=64, d_kv=16, num_layers=1, num_heads=2,
-        decoder_start_token_id=0, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id))
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-        base_image_seq_len=256, max_image_seq_len=4096)
-    return dict(transformer=transformer, vae=vae, text_encoder=clip, tokenizer=tok,
-                text_encoder_2=t5, tokenizer_2=tok, scheduler=scheduler)
-
-
-def save_components(components, folder, pipeline_class):
-    """Writes a diffusers pipeline folder (model_index.json plus one subfolder per component)."""
-    index = {"_class_name": pipeline_class, "_diffusers_version": "0.0"}
-    for name, module in components.items():
-        module.save_pretrained(Path(folder) / name)
-        lib = "diffusers" if type(module).__module__.startswith("diffusers") else "transformers"
-        index[name] = [lib, type(module).__name__]
-    (Path(folder) / "model_index.json").write_text(json.dumps(index, indent=1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,20 +116,30 @@ HPS_TINY_PROMPT = (
     'prompt_with_special_token = " overall score <|Reward|> END"\n')
 
 
+HPS_REWARD_TOKEN = "<|Reward|>"  # the token HPSv3 reads its score at (rewards.REWARD_TOKEN)
+
+
 def tiny_hpsv3(folder, seed=1):
-    """A tiny Qwen2-VL backbone folder plus HPSv3.safetensors: backbone, resized embeddings and rm_head."""
+    """HPSv3's layout in tiny: a Qwen2-VL backbone folder (base/) and HPSv3.safetensors holding a
+    Qwen2-VL with the reward token added (embeddings resized) plus rm_head, the MLP
+    hidden -> 1024 -> 16 -> 2 (keys rm_head.0, .3, .5), whose weights are drawn at std 0.5 so that
+    scores differ between images."""
     from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoTokenizer, Qwen2VLForConditionalGeneration
 
     folder = Path(folder)
     tiny_qwen_vl(folder / "base", kind="qwen2_vl", seed=seed)
-    from rewards import build_hps_model
-
-    model, head, tok = build_hps_model(str(folder / "base"), "cpu", torch.float32)
+    tok = AutoTokenizer.from_pretrained(folder / "base")
+    tok.add_special_tokens({"additional_special_tokens": [HPS_REWARD_TOKEN]})
+    config = AutoConfig.from_pretrained(folder / "base")
+    model = Qwen2VLForConditionalGeneration._from_config(config, dtype=torch.float32)
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
     torch.manual_seed(seed)
-    for p in head.parameters():
-        torch.nn.init.normal_(p, std=0.5)
-    state = {**{k: v.contiguous() for k, v in model.state_dict().items()},
-             **{f"rm_head.{k}": v for k, v in head.state_dict().items()}}
+    hidden, head = config.text_config.hidden_size, {}
+    for k, (n_out, n_in) in ((0, (1024, hidden)), (3, (16, 1024)), (5, (2, 16))):
+        head[f"rm_head.{k}.weight"] = torch.empty(n_out, n_in).normal_(0.0, 0.5)
+        head[f"rm_head.{k}.bias"] = torch.empty(n_out).normal_(0.0, 0.5)
+    state = {**{k: v.contiguous() for k, v in model.state_dict().items()}, **head}
     save_file(state, str(folder / "HPSv3.safetensors"))
     (folder / "hps_prompt.py").write_text(HPS_TINY_PROMPT)
 

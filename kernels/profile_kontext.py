@@ -56,7 +56,7 @@ def text_inputs(m, b, device, text_len):
 
 
 def profile_sft(m, n_refs, res, args, kernels):
-    common.use_kernels(m.transformer, kernels)
+    sft.use_kernels(m.transformer, kernels)
     cfg = sft.Config(pe="frame", guidance=2.5)
     lat = res // 8
     g = torch.Generator().manual_seed(1)
@@ -87,7 +87,7 @@ def profile_sft(m, n_refs, res, args, kernels):
 
 
 def profile_rl(m, res, args, kernels, params, opt):
-    common.use_kernels(m.transformer, kernels)
+    sft.use_kernels(m.transformer, kernels)
     cfg = rl.Config(resolution=res, steps=args.rl_steps, group_size=args.group, pe="frame", guidance=2.5)
     lat = res // 8
     g = torch.Generator().manual_seed(2)
@@ -185,7 +185,7 @@ def random_reward_models(device, small):
 
 
 def profile_rewards(mix, images, device):
-    from make_data import draw_reference
+    from world.scenes import draw_reference
 
     import random
 

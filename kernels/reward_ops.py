@@ -9,7 +9,14 @@ Reward-batching ops for the RL hot loop, each a Triton kernel beside its plain-t
     The torch reference does the same integer arithmetic with gathers.
 (b) gaussian_logprob_mean: the SDE step's log density of x_next under N(mean, std^2), averaged
     over all non-batch dims, in one pass per batch row.
-(c) group_advantages: per-group (r - mean) / (std + eps), population std, clipped (rl.group_advantages).
+(c) group_advantages: per-group (r - mean) / (std + eps), population std, clipped.
+
+Imports: common.py only, as every file of kernels/ (tests/test_layout.py). (a) and (b) have their
+torch references here. (a)'s boxes come in as integers (rewards.int_boxes makes them) and its resize
+follows common.resize_plan, the rule rewards.dino_pixels uses; tests/test_kernels.py and
+tests/test_rewards.py compare it with that PIL path. (c)'s formula is rl.py's (rl.group_advantages,
+with its checks and the Flow-GRPO citation), so it has no second copy here: the test compares the
+kernel with rl.group_advantages, and bench_kernels.py times it against that function.
 """
 
 import math
@@ -17,6 +24,8 @@ import os
 
 import torch
 import torch.nn.functional as F
+
+from common import resize_plan
 
 try:
     import triton
@@ -27,21 +36,6 @@ except ImportError:
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 PRECISION_BITS = 22  # PIL's fixed point for 8-bit resampling: coefficients are ints scaled by 2^22
-
-
-def int_boxes(boxes, sizes):
-    """Float boxes -> the integer pixel boxes rewards.crop takes (the authors' int() and numpy slice;
-    an empty crop becomes the whole image)."""
-    from rewards import crop_box
-
-    return [crop_box(b, s) or (0, 0, *s) for b, s in zip(boxes, sizes)]
-
-
-def resize_plan(box):
-    """(new_w, new_h, left, top) of a box's crop: rewards.resize_plan, torchvision's rule."""
-    from rewards import resize_plan as plan
-
-    return plan(box[2] - box[0], box[3] - box[1])
 
 
 def pil_bicubic_coeffs(in_size, out_size, first=0, count=224):
@@ -81,7 +75,7 @@ def pil_bicubic_coeffs(in_size, out_size, first=0, count=224):
 def crop_plan(box):
     """The coefficient tables of one box: x then y (xmin, kk) for the 224 centre-crop outputs."""
     w, h = box[2] - box[0], box[3] - box[1]
-    nw, nh, left, top = resize_plan(box)
+    nw, nh, left, top = resize_plan(w, h)
     return pil_bicubic_coeffs(w, nw, left), pil_bicubic_coeffs(h, nh, top)
 
 
@@ -220,14 +214,8 @@ def gaussian_logprob_mean(x, mean, std):
     return out
 
 
-def group_advantages_reference(rewards, group_ids, eps=1e-4, clip=5.0):
-    """The formula itself lives in rl.py (rl.group_advantages); kernels/ only accelerates it."""
-    from rl import group_advantages
-
-    return group_advantages(rewards, group_ids, eps, clip).to(rewards.device)
-
-
 def group_advantages(rewards, group_ids, eps=1e-4, clip=5.0):
+    """rl.group_advantages in one launch: group ids 0..k-1, every group non-empty (rl.py checks)."""
     n = rewards.numel()
     out = torch.empty(n, device=rewards.device, dtype=torch.float32)
     k = int(group_ids.max()) + 1

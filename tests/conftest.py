@@ -36,7 +36,7 @@ def tiny_data(tmp_path_factory, tiny_dir):
     return out
 
 
-# A small shapes world (world.py's VAE and base editor, with fewer steps than `make shapes`), its data
+# A small shapes world (world/build.py's VAE and base editor, with fewer steps than `make shapes`), its data
 # and an SFT LoRA, built through the same code as `make shapes`: what the RL learning test starts from.
 SMALL_WORLD = ["--only", "vae,kontext", "--vae_steps", "400", "--vae_images", "3000", "--base_steps", "1200",
                "--base_examples", "3000", "--log_every", "50"]
@@ -46,7 +46,7 @@ SMALL_WORLD = ["--only", "vae,kontext", "--vae_steps", "400", "--vae_images", "3
 def shapes_world(tmp_path_factory):
     import make_data
     import sft
-    import world
+    from world import build as world
 
     root = tmp_path_factory.mktemp("shapes")
     world.build_world(common.parse_config(world.Config, "world", ["--out", str(root / "world")] + SMALL_WORLD))

@@ -62,7 +62,7 @@ def test_position_score_iou_branch():
 @pytest.fixture(scope="module")
 def psrbench(tmp_path_factory):
     folder = tmp_path_factory.mktemp("psrbench")
-    bench.build_tiny_psrbench(folder, 2, 64)
+    bench.build_tiny_psrbench(folder, 2, 64, "world.scenes:draw_sample")
     return folder
 
 

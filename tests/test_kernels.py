@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import common
+import rewards
 import sft
 from kernels import attention as A
 from kernels import reward_ops as R
@@ -82,9 +83,9 @@ def test_transformer_with_triton_processor_equals_torch(tiny_dir):
     t5, pooled = common.encode_text(m, ["the star and the ring"], 16)
     sig = torch.tensor([0.6], device=DEVICE)
     want = sft.velocity(m, x, refs, sig, t5, pooled, (4, 4), [(4, 4), (4, 4)])
-    common.use_kernels(m.transformer, "triton")
+    sft.use_kernels(m.transformer, "triton")
     got = sft.velocity(m, x, refs, sig, t5, pooled, (4, 4), [(4, 4), (4, 4)])
-    common.use_kernels(m.transformer, "torch")
+    sft.use_kernels(m.transformer, "torch")
     again = sft.velocity(m, x, refs, sig, t5, pooled, (4, 4), [(4, 4), (4, 4)])
     assert torch.equal(again, want)  # switching back restores diffusers' own processor
     tol = 1e-4 if INTERPRET else 3e-2 * want.abs().max().item()  # bf16 on a GPU
@@ -95,14 +96,13 @@ def test_transformer_with_triton_processor_equals_torch(tiny_dir):
 def test_crop_resize_normalize_matches_reference():
     torch.manual_seed(0)
     images = torch.randint(0, 256, (2, 70, 90, 3), dtype=torch.uint8, device=DEVICE)
-    boxes = R.int_boxes([(3.2, 4.7, 50.1, 60.0), (10, 10, 89, 30), (0, 0, 1, 1)], [(90, 70)] * 3)
+    boxes = rewards.int_boxes([(3.2, 4.7, 50.1, 60.0), (10, 10, 89, 30), (0, 0, 1, 1)], [(90, 70)] * 3)
     index = torch.tensor([0, 1, 1], device=DEVICE)
     got = R.crop_resize_normalize(images, index, boxes)
     want = R.crop_resize_normalize_reference(images, index, boxes)
     assert got.shape == (3, 3, 224, 224)
     assert (got - want).abs().max().item() < 1e-4
     # and both are the PIL path bench.py scores with (rewards.dino_pixels: PIL bicubic, antialiased)
-    import rewards
     from PIL import Image
 
     ims = [Image.fromarray(images[i].cpu().numpy()) for i in index.tolist()]

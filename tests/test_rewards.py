@@ -401,7 +401,7 @@ def test_crop_path_is_one_for_rl_and_bench():
     boxes = [(3.2, 4.7, 50.1, 60.0), (5, 2, 600, 88), (-3.5, 0, 40, 40), (0, 0, 700, 90)]  # up, down (antialiased), wrapped
     pil = rewards.dino_preprocess([im] * 4, boxes)
     fast = R.crop_resize_normalize_reference(torch.from_numpy(arr), torch.zeros(4, dtype=torch.long),
-                                             R.int_boxes(boxes, [im.size] * 4))
+                                             rewards.int_boxes(boxes, [im.size] * 4))
     assert (pil - fast).abs().max().item() < 1e-3
 
 

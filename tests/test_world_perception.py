@@ -1,4 +1,4 @@
-"""The shapes world's perception (world_perception.py) and its hooks in rewards.py: fast checks on
+"""The shapes world's perception (world/perception.py) and its hooks in rewards.py: fast checks on
 hand-made cases plus one tiny end-to-end build (a few training steps) through the real loaders."""
 
 import json
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import rewards
-import world_perception as wp
+from world import perception as wp
 
 torch.set_num_threads(1)
 
@@ -20,7 +20,7 @@ LABELS = ["background", "circle", "square"]
 
 
 def fake_segmenter(box_threshold=0.35, min_area=0.004):
-    seg = rewards.SegmenterDetector.__new__(rewards.SegmenterDetector)
+    seg = wp.SegmenterDetector.__new__(wp.SegmenterDetector)
     seg.labels = {n: i for i, n in enumerate(LABELS)}
     seg.box_threshold, seg.min_area = box_threshold, min_area
     return seg
@@ -49,7 +49,7 @@ def test_components_become_boxes_best_first_and_specks_are_dropped():
 
 
 def test_diagonal_pixels_are_one_component_and_low_scores_are_dropped():
-    comps = rewards.connected_components(np.eye(5, dtype=bool))
+    comps = wp.connected_components(np.eye(5, dtype=bool))
     assert len(comps) == 1 and len(comps[0][0]) == 5
     m = np.zeros((32, 32), np.int64)
     m[4:10, 4:10] = 2
@@ -107,7 +107,7 @@ class OracleSegmenter:
             out.append(torch.nn.functional.one_hot(lab, len(wp.SEG_LABELS)).permute(2, 0, 1).float())
         return out
 
-    boxes = rewards.SegmenterDetector.boxes
+    boxes = wp.SegmenterDetector.boxes
 
 
 class FixedClassifier(torch.nn.Module):
@@ -247,7 +247,7 @@ def test_embedder_trains_and_loads_as_dino(tiny_world, tmp_path):
 def test_segformer_folder_is_a_detector_in_rewards(tiny_world):
     det_dir, _ = tiny_world
     det = rewards.Detector(det_dir, "cpu", box_threshold=0.0)
-    assert det.segmenter is not None and det.segmenter.labels["star"] == wp.SEG_LABELS.index("star")
+    assert det.program is not None and det.program.labels["star"] == wp.SEG_LABELS.index("star")
     (sample, _), = wp.held_out(1)
     out = det([sample[4], sample[5][0]], [["Star", "circle"], ["ring"]])
     assert set(out[0]) == {"star", "circle"} and set(out[1]) == {"ring"}
@@ -262,7 +262,7 @@ def test_segformer_folder_is_a_detector_in_rewards(tiny_world):
 def test_local_judge_loads_a_program_judge_folder(tiny_world):
     _, judge_dir = tiny_world
     spec = json.loads((wp.Path(judge_dir) / "judge.json").read_text())
-    assert spec["program"] == "world_perception:ShapesJudge" and not wp.Path(spec["detector"]).is_absolute()
+    assert spec["program"] == "world.perception:ShapesJudge" and not wp.Path(spec["detector"]).is_absolute()
     judge = rewards.LocalJudge(judge_dir, "cpu")
     assert isinstance(judge.program, wp.ShapesJudge)
     (sample, _), = wp.held_out(1)

@@ -1,13 +1,14 @@
 """
-world_perception.py - the shapes world's reward stand-ins (a detector, an embedder and a judge of the world), trained here on CPU.
+world/perception.py - the shapes world's reward stand-ins (a detector, an embedder and a judge of the world), trained here on CPU.
 
 rewards.py scores generated images with a detector, a DINO embedder and a VLM judge. In the shapes
-world (make_data.py's procedural subjects at 32x32 pixels) those are replaced by small models of
-real transformers classes, trained on rendered world images and saved with `save_pretrained`, so
+world (world/scenes.py's subjects at 32x32 pixels) those are replaced by small models of real
+transformers classes, trained on rendered world images and saved with `save_pretrained`, so
 rewards.py loads them exactly like hub checkpoints:
 
-  detector   SegformerForSemanticSegmentation over background + the 8 shapes (+ "hat"). rewards.py
-             turns it into boxes (connected components of each category: SegmenterDetector).
+  detector   SegformerForSemanticSegmentation over background + the 8 shapes (+ "hat"), turned into
+             boxes by SegmenterDetector (connected components of each category). The folder's
+             detector.json names that program, and rewards.Detector loads it by that name.
   embedder   ViTModel read through rewards.DinoEmbedder (CLS of the last layer, DINO preprocessing),
              trained contrastively so one subject (shape, colour, texture) in two poses and on two
              backdrops scores high and any other subject, even of the same shape, scores low.
@@ -17,14 +18,14 @@ rewards.py loads them exactly like hub checkpoints:
              (hat, outline), and answers "[Thought]: ... [Score]: N". rewards.LocalJudge loads it from
              a folder holding judge.json.
 
-Labels are rendered, not annotated: render_scene() draws a scene with make_data.draw_subject (so the
+Labels are rendered, not annotated: render_scene() draws a scene with scenes.draw_subject (so the
 pixels are the world's own) and the per-pixel label map from the same geometry (shape_points).
 Generated images are blurry and noisy (a small VAE decodes them), so every model trains with blur,
 noise and colour jitter, and with an optional `degrade` callable ([B,3,H,W] in [0,1] -> same, e.g.
 a VAE round trip) applied to part of each batch.
 
-Built by world.py (`python world.py`, or `make shapes`), which passes the VAE round trip as `degrade`
-and prints evaluate_world()'s held-out figures into world-models/quality.json.
+Built by world/build.py (`python -m world`, or `make shapes`), which passes the VAE round trip as
+`degrade` and prints evaluate_world()'s held-out figures into world-models/quality.json.
 """
 
 import functools
@@ -44,8 +45,8 @@ from PIL import Image, ImageDraw
 import common
 import rewards
 from rewards import iou
-from make_data import (ACTIONS, ATTRIBUTES, BACKGROUNDS, COLORS, RELATIONS, SHAPES, TEXTURES, draw_reference,
-                       draw_sample, draw_subject, layout, shape_points)
+from world.scenes import (ACTIONS, ATTRIBUTES, BACKGROUNDS, COLORS, RELATIONS, SHAPES, TEXTURES, draw_reference,
+                          draw_sample, draw_subject, layout, shape_points)
 
 SIZE = 32                                           # the world's image size, everywhere
 WORLD_MIX = (1.0, 1.0, 1.0, 1.0, 1.0, 0.5, 0.5)     # make_data's default task mix (common.TASKS order)
@@ -300,6 +301,83 @@ def segformer_model(num_labels=len(SEG_LABELS)):
     return SegformerForSemanticSegmentation(cfg)
 
 
+DETECTOR_PROGRAM = "world.perception:SegmenterDetector"  # written into the detector folder's detector.json
+
+
+def connected_components(mask):
+    """8-connected components of a boolean [H, W] array -> list of (ys, xs) index arrays."""
+    mask = np.asarray(mask, dtype=bool)
+    h, w = mask.shape
+    seen = np.zeros_like(mask)
+    out = []
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if seen[y0, x0]:
+            continue
+        seen[y0, x0] = True
+        stack, ys, xs = [(y0, x0)], [], []
+        while stack:
+            y, x = stack.pop()
+            ys.append(y)
+            xs.append(x)
+            for ny in (y - 1, y, y + 1):
+                for nx in (x - 1, x, x + 1):
+                    if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not seen[ny, nx]:
+                        seen[ny, nx] = True
+                        stack.append((ny, nx))
+        out.append((np.array(ys), np.array(xs)))
+    return out
+
+
+class SegmenterDetector:
+    """A semantic segmenter whose labels are categories acts as the detector: each connected
+    component of pixels whose most likely label is a category is one box of it, scored by the
+    mean probability of that label over the component. Same answer as Detector: per image
+    {category: [(box, score), ...] best first}, for the asked categories (lowercased) only."""
+
+    def __init__(self, path, device="cpu", box_threshold=0.35, min_area=0.004):
+        from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
+
+        self.processor = AutoImageProcessor.from_pretrained(path)
+        self.model = AutoModelForSemanticSegmentation.from_pretrained(path).to(device).eval()
+        self.labels = {str(v).strip().lower(): int(k) for k, v in self.model.config.id2label.items()}
+        # min_area: components smaller than this fraction of the image (4 pixels at 32x32) are noise
+        self.device, self.box_threshold, self.min_area = device, box_threshold, min_area
+
+    @torch.no_grad()
+    def probs(self, images, batch_size=64):
+        """PIL images -> per image [labels, H, W] probabilities at the image's own size."""
+        out = []
+        for i in range(0, len(images), batch_size):
+            chunk = [im.convert("RGB") for im in images[i: i + batch_size]]
+            px = self.processor(images=chunk, return_tensors="pt")["pixel_values"]
+            logits = self.model(pixel_values=px.to(self.device, self.model.dtype)).logits.float()
+            for im, lg in zip(chunk, logits):
+                up = F.interpolate(lg[None], size=(im.size[1], im.size[0]), mode="bilinear", align_corners=False)
+                out.append(up[0].softmax(0).cpu())
+        return out
+
+    def boxes(self, prob, categories):
+        """One image's [labels, H, W] probabilities -> {category: [(box, score), ...] best first}."""
+        best = prob.argmax(0).numpy()
+        min_pixels = max(1, int(round(self.min_area * best.size)))
+        found = {}
+        for c in dict.fromkeys(c.strip().lower() for c in categories):
+            found[c] = []
+            if c not in self.labels:
+                continue
+            p = prob[self.labels[c]].numpy()
+            for ys, xs in connected_components(best == self.labels[c]):
+                score = float(p[ys, xs].mean())
+                if len(ys) >= min_pixels and score > self.box_threshold:
+                    box = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
+                    found[c].append((box, score))
+            found[c].sort(key=lambda bs: -bs[1])
+        return found
+
+    def __call__(self, images, categories, batch_size=16):
+        return [self.boxes(p, cats) for p, cats in zip(self.probs(images, batch_size), categories)]
+
+
 def imagenet_norm(x):
     mean = torch.tensor(rewards.IMAGENET_MEAN)[:, None, None]
     std = torch.tensor(rewards.IMAGENET_STD)[:, None, None]
@@ -307,7 +385,8 @@ def imagenet_norm(x):
 
 
 def train_detector(out_dir, steps=2000, seed=0, degrade=None, batch_size=32, lr=3e-3, n_samples=2000):
-    """Trains the SegFormer on rendered label maps; saves model + image processor; returns the path."""
+    """Trains the SegFormer on rendered label maps; saves model + image processor, and detector.json
+    naming SegmenterDetector as the program rewards.Detector runs on the folder; returns the path."""
     from transformers import SegformerImageProcessor
 
     torch.manual_seed(seed)
@@ -344,6 +423,7 @@ def train_detector(out_dir, steps=2000, seed=0, degrade=None, batch_size=32, lr=
 
     def write(tmp):
         model.save_pretrained(tmp)
+        (tmp / "detector.json").write_text(json.dumps({"program": DETECTOR_PROGRAM}, indent=2) + "\n")
         SegformerImageProcessor(do_resize=True, size={"height": SIZE, "width": SIZE}, do_reduce_labels=False,
                                 image_mean=list(rewards.IMAGENET_MEAN), image_std=list(rewards.IMAGENET_STD)
                                 ).save_pretrained(tmp)
@@ -669,7 +749,7 @@ def train_classifier(steps=600, seed=0, degrade=None, batch_size=128, lr=2e-3, n
 
 def judge_spec(detector=None):
     """judge.json: the program, its parts, and the world's vocabulary the judge reads prompts with."""
-    return {"program": "world_perception:ShapesJudge",
+    return {"program": "world.perception:ShapesJudge",
             "detector": detector,  # relative to the judge folder (build_judge sets it)
             "classifier": "classifier",
             "backgrounds": {k: list(v) for k, v in BACKGROUNDS.items()},
@@ -718,7 +798,7 @@ class ShapesJudge:
         folder = Path(folder)
         spec = json.loads((folder / "judge.json").read_text())
         det = Path(spec["detector"])
-        detector = rewards.SegmenterDetector(str(det if det.is_absolute() else folder / det), device)
+        detector = SegmenterDetector(str(det if det.is_absolute() else folder / det), device)
         classifier = ViTForImageClassification.from_pretrained(folder / spec["classifier"]).to(device).eval()
         self.setup(spec, detector, classifier, device, threshold)
 

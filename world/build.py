@@ -1,30 +1,32 @@
 """
-world.py - the shapes world: small models trained here, on a CPU, so the PSR stages can be watched working.
+world/build.py - the shapes world: small models trained here, on a CPU, so the PSR stages can be watched working.
 
 The real recipe needs FLUX.1 Kontext, Grounding DINO, DINO and a VLM judge, and days on many GPUs.
 This file builds a world where the same five stages run in minutes on a laptop and their pictures
-mean something. The world is make_data.py's procedural subjects (8 shapes x 8 colours x 4 textures
-on six backgrounds, with relations, attributes and actions); its "pretrained models" are trained
-here from those drawings and saved with save_pretrained in the very classes the stages load:
+mean something. The world is world/scenes.py's subjects (8 shapes x 8 colours x 4 textures on six
+backgrounds, with relations, attributes and actions); its "pretrained models" are trained here from
+those drawings and saved with save_pretrained in the very classes the stages load:
 
   kontext/    a diffusers Kontext folder: an AutoencoderKL (32x32 px -> 8x8x8 latents, 16 tokens an
               image), tiny T5 and CLIP text encoders, and a FluxTransformer2DModel trained from scratch
               as a *single-reference* editor, its one reference at frame index 1 as FLUX.1 Kontext takes it.
               This is the base model the paper starts from: good with one reference, never shown two.
-  detector/   a SegformerForSemanticSegmentation whose labels are the shapes (rewards.py turns its
-              masks into boxes per category), standing in for Grounding DINO.
+  detector/   a SegformerForSemanticSegmentation whose labels are the shapes, with detector.json naming
+              world/perception.py's SegmenterDetector (masks -> boxes per category), standing in for
+              Grounding DINO.
   embedder/   a ViTModel trained so that one subject in two poses and backdrops embeds close and two
               subjects apart (DINO's role in the PSR reward).
   judge/      a program judge that reads the world's instruction out of the judge prompt, looks at the
               image through the detector and answers "[Thought]: ... [Score]: N" (the VLM judge's role).
   Aesthetics (HPSv3) has no stand-in: its weight is 0 in configs/shapes.json.
 
-Nothing in make_data.py, sft.py, rl.py or bench.py knows about this world: configs/shapes.json names
-these folders as its models, and the stages load them like hub models.
+Nothing in make_data.py, sft.py, rl.py or bench.py imports this world: configs/shapes.json names
+these folders as its models and "world.scenes:draw_sample" as its source, and the stages load them
+like hub models (tests/test_layout.py holds them to it).
 
-Run:
-    python world.py                         # builds world-models/ once (resumable per model), 11 min on 2 cores
-    python world.py --only vae,kontext --base_steps 1200    # some models, fewer steps (the tests' small world)
+Run (from the project folder; `python -m world` runs this file):
+    python -m world                         # builds world-models/ once (resumable per model), 25 min on 2 cores
+    python -m world --only vae,kontext --base_steps 1200    # some models, fewer steps (the tests' small world)
     make shapes                             # world, then make_data, sft, rl, bench and the table
 Each model is built into a temp folder and renamed when whole, so a killed build resumes at the
 model it was building. Choices here are all ours (the paper has no such world).
@@ -43,12 +45,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import common
-import tiny
 import sft
-from make_data import (ACTIONS, ATTRIBUTES, BACKGROUNDS, COLORS, SHAPES, TEXTURES, draw_reference, draw_sample,
-                       draw_subject)
 from common import ROOT, TASKS, ensure_tiny_model, parse_config
 from sft import pack
+from world.scenes import (ACTIONS, ATTRIBUTES, BACKGROUNDS, COLORS, SHAPES, TEXTURES, draw_reference, draw_sample,
+                          draw_subject)
 
 
 @dataclass
@@ -69,7 +70,7 @@ class Config:
     base_lr: float = 5e-4
     base_examples: int = 6000
     max_text_len: int = 32
-    # reward stand-ins (world_perception.py)
+    # reward stand-ins (world/perception.py)
     detector_steps: int = 2000
     embedder_steps: int = 250
     judge_steps: int = 600        # the judge's hat/outline classifier
@@ -180,7 +181,7 @@ def train_vae(cfg, folder):
 # text (as FLUX.1 Kontext can) but has seen only one identity at a time. The text encoders are tiny
 # T5 and CLIP of the real classes, trained with the transformer (the stages then keep them frozen).
 
-WORLD_WORDS = tiny.TINY_WORDS + " outline tilted upside down give one by it ; at centre"
+WORLD_WORDS = common.TINY_WORDS + " outline tilted upside down give one by it ; at centre"
 POSITIONS = {"left": (0.27, 0.5), "right": (0.73, 0.5), "top": (0.5, 0.27), "bottom": (0.5, 0.73),
              "centre": (0.5, 0.5)}
 
@@ -219,7 +220,7 @@ def build_text_encoders(max_len, seed):
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
-    tok = tiny.build_tiny_tokenizer(max_len, WORLD_WORDS)
+    tok = common.build_tiny_tokenizer(max_len, WORLD_WORDS)
     t5 = T5EncoderModel(T5Config(
         vocab_size=len(tok), d_model=64, d_ff=128, d_kv=16, num_layers=2, num_heads=4, dropout_rate=0.0,
         decoder_start_token_id=0, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id))
@@ -338,9 +339,9 @@ def train_base(cfg, folder, vae_folder):
         if (step + 1) % cfg.log_every == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
     ema.copy_to_model()
-    tiny.save_components(dict(transformer=tr.eval(), vae=vae, text_encoder=clip.eval(), tokenizer=tok,
-                             text_encoder_2=t5.eval(), tokenizer_2=tok, scheduler=m.scheduler),
-                        folder, "FluxKontextPipeline")
+    common.save_components(dict(transformer=tr.eval(), vae=vae, text_encoder=clip.eval(), tokenizer=tok,
+                                text_encoder_2=t5.eval(), tokenizer_2=tok, scheduler=m.scheduler),
+                           folder, "FluxKontextPipeline")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -365,7 +366,7 @@ def vae_round_trip(vae_folder):
 
 
 def build_world(cfg):
-    import world_perception as wp
+    from world import perception as wp
 
     out = Path(cfg.out) if Path(cfg.out).is_absolute() else ROOT / cfg.out
     wanted = cfg.only.split(",") if cfg.only else list(MODELS)
@@ -421,7 +422,3 @@ def main(cfg):
     t0 = time.time()
     out, times = build_world(cfg)
     print(f"[world] models in {out} ({time.time() - t0:.0f} s this run; built now: {times or 'none, all cached'})")
-
-
-if __name__ == "__main__":
-    common.run_stage("world", main, parse_config(Config, "world"))
