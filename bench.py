@@ -6,6 +6,8 @@ Modes:
   generation  our sampler on every item (resumable: images already on disk are kept)
   results     --results DIR with <Subset>/<index>.png, or the subset JSONs with result_path filled
               in, so any model's outputs can be scored
+  own         --refs a.png,b.png --prompt "...": your own subjects through one or more models side by
+              side (--lora once per model), one image per --seeds; --score scores each with the reward mix
 
 Dimensions: subject consistency = R_PSR in `official` mode (the authors' box choice, as
 rewards.py states it) and `strict` as a second column; semantic alignment = a geometry rule on
@@ -29,11 +31,17 @@ Run:
     python bench.py --preset shapes --tag pe-h                  # runs/shapes-pe-h-{sft,rl}/lora -> runs/shapes-pe-h-bench
     python bench.py --compare runs/a/scores.json,runs/b/scores.json --out runs/compare
     torchrun --nproc_per_node 8 bench.py --preset kontext --psrbench /data/PSRBench --out runs/b
+    python bench.py --preset shapes --refs a.png,b.png --prompt "the circle to the left of the square" \
+        --lora none --lora runs/shapes-sft/lora --categories circle,square --score --out runs/mine
 """
 
+import copy
 import json
 import math
+import os
+import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +72,8 @@ class Config(RewardConfig):
     results: str = ""             # score these outputs instead of generating
     out: str = ""                 # default runs/<preset>-bench
     model: str = common.KONTEXT_ID  # local folder, hub id, or "tiny"; a LoRA records its own
-    lora: str = "auto"            # comma list of LoRA folders fused in order; auto: the preset's runs
+    lora: str = "auto"            # comma list of LoRA folders fused in order; auto: the preset's runs.
+                                  # With --refs, give --lora once per model to compare (or split models with ';')
     name: str = ""                # the model's name in the report
     subsets: str = ",".join(SUBSETS)
     first_k: int = 0              # 0: every item
@@ -83,6 +92,12 @@ class Config(RewardConfig):
     source: str = ""              # its drawer, package.module:function, as make_data's --source (the preset's)
     stitch_refs: bool = False     # paste all references side by side into one image: how users give a
                                   # single-reference editor (FLUX.1 Kontext) several subjects today
+    refs: str = ""                # own subjects: comma list of 1 to 4 (MAX_REFS) reference images, one per subject
+    prompt: str = ""              # own subjects: the instruction
+    seeds: tuple = (0, 1, 2, 3)   # own subjects: one image per seed (each seed's noise is drawn alone)
+    gen_batch: int = 4            # own subjects: seeds sampled at once
+    categories: str = ""          # own subjects: the detector's name for each reference, in order (for --score)
+    score: bool = False           # own subjects: score every image with the preset's reward mix
 
 
 # ----------------------------------------------------------------------------------------------
@@ -635,8 +650,263 @@ def dreambench(cfg, out, device):
 
 
 # ----------------------------------------------------------------------------------------------
+# Your own subjects: --refs a.png,b.png --prompt "..." through one or more models, side by side.
+#
+# Each --lora is one model (a comma list fused in order, as above; `none` is the base model; a run
+# folder stands for its lora/); without --lora, the preset's trained runs. Every input is checked
+# before any model loads. Each model adopts the settings its LoRAs were trained with and writes
+# <out>/<label>/images/seed<s>.png (kept on a rerun when the same model made them); <out>/sheet.png
+# puts the references, then one output per seed, in one labelled column per model.
+
+MAX_REFS = 4  # PSR trains on 2, 3 or 4 references (sft.draw_batch); frame ids past 4 were never seen
+OWN_ONLY = ("psrbench", "results", "compare", "ablation", "dreambench")  # other modes' inputs
+
+
+def join_repeated(argv, knob="lora", sep=";"):
+    """`--lora A --lora B` -> `--lora A;B`: a knob given again adds a model instead of replacing it."""
+    values, rest, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == f"--{knob}" and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            values.append(argv[i + 1])
+            i += 2
+            continue
+        if arg.startswith(f"--{knob}="):
+            values.append(arg.split("=", 1)[1])
+        else:
+            rest.append(arg)
+        i += 1
+    return rest + ([f"--{knob}", sep.join(values)] if values else [])
+
+
+def read_ref(path):
+    """A reference as RGB, or one line naming the file."""
+    if not Path(path).is_file():
+        raise SystemExit(f"[bench] --refs: {path} does not exist")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception as e:
+        raise SystemExit(f"[bench] --refs: {path} is not a readable image ({type(e).__name__}: {e})")
+
+
+def lora_folder(path):
+    """A LoRA folder as given, or a run folder's lora/; refused when neither holds LoRA weights."""
+    for folder in (Path(path), Path(path) / "lora"):
+        if (folder / "pytorch_lora_weights.safetensors").is_file():
+            return folder
+    raise SystemExit(f"[bench] --lora: {path} holds no pytorch_lora_weights.safetensors (nor does {path}/lora)")
+
+
+def check_stack(stack):
+    """An adapter trained on a fused SFT LoRA (rl.py's) only works on top of it: refuse it alone."""
+    for k, lora in enumerate(stack):
+        base = common.read_record(lora).get("inputs", {}).get("sft_lora")
+        if base and not any(Path(p).resolve() == Path(base["path"]).resolve() for p in stack[:k]):
+            raise SystemExit(f"[bench] --lora: {lora} was trained on the SFT LoRA {base['path']} fused into the model; "
+                             f"give --lora {base['path']},{lora}")
+    return stack
+
+
+def label_of(stack):
+    """A model's column label: the run that made its last LoRA ('base' without one)."""
+    if not stack:
+        return "base"
+    last = Path(stack[-1]).absolute()  # not resolved: a symlinked run keeps its own name
+    return last.parent.name if last.name == "lora" else last.name
+
+
+def own_models(cfg):
+    """[(label, LoRA stack, cfg with that stack's recorded settings)], from --lora or the preset's runs."""
+    if cfg.lora == "auto":  # the preset's (and tag's) runs: SFT, and RL on its SFT, those that exist
+        sft_l = common.stage_dir(cfg, "sft") / "lora"
+        stacks = [[sft_l]] if (sft_l / "pytorch_lora_weights.safetensors").exists() else []
+        best = resolve_loras(cfg)
+        stacks += [best] if best and best not in stacks else []
+        if not stacks:
+            print(f"[bench] no trained run in {sft_l.parent.parent} for this preset and tag: the base model")
+        stacks = stacks or [[]]
+    else:
+        stacks = [[] if spec.strip() in ("", "none") else check_stack([lora_folder(p) for p in spec.split(",") if p])
+                  for spec in cfg.lora.split(";")]
+    models, seen = [], {}
+    for stack in stacks:
+        label = label_of(stack)
+        seen[label] = seen.get(label, 0) + 1
+        label = label if seen[label] == 1 else f"{label}-{seen[label]}"
+        mcfg = copy.copy(cfg)  # keeps _explicit: a knob set on the command line still wins or is refused
+        common.adopt_lora_settings(mcfg, stack, "bench")
+        models.append((re.sub(r"[^\w.-]+", "_", label), stack, mcfg))
+    return models
+
+
+def check_own_inputs(cfg):
+    """Every refusal of the --refs mode, before any model loads: one line naming the file or knob.
+    Returns the reference images, their categories and the models."""
+    other = [k for k in OWN_ONLY if getattr(cfg, k)]
+    if other:
+        raise SystemExit(f"[bench] --refs makes images from your references; --{other[0]} belongs to another mode. "
+                         f"Give one or the other.")
+    paths = [p.strip() for p in cfg.refs.split(",") if p.strip()]
+    if not 1 <= len(paths) <= MAX_REFS:
+        raise SystemExit(f"[bench] --refs: {len(paths)} reference images; the model takes 1 to {MAX_REFS} "
+                         f"(a comma list, one image per subject)")
+    refs = [read_ref(p) for p in paths]
+    if not cfg.prompt.strip():
+        raise SystemExit('[bench] --prompt is empty: give the instruction, e.g. --prompt "the dog to the left of the cat"')
+    cats = [c.strip() for c in cfg.categories.split(",") if c.strip()]
+    if cats and len(cats) != len(refs):
+        raise SystemExit(f"[bench] --categories names {len(cats)} subjects but --refs gives {len(refs)} images: "
+                         f"one category per reference, in the same order")
+    if cfg.score and not cats:
+        raise SystemExit(f"[bench] --score needs --categories: the detector's name for each of the {len(refs)} "
+                         f"references, in order (e.g. --categories {','.join(['dog', 'cat', 'hat', 'cup'][:len(refs)])})")
+    if not cfg.seeds:
+        raise SystemExit("[bench] --seeds is empty: give one or more integers, e.g. --seeds 0,1,2,3")
+    cfg.seeds = tuple(dict.fromkeys(cfg.seeds))  # a seed given twice is one image
+    if cfg.gen_batch < 1:
+        raise SystemExit(f"[bench] --gen_batch must be at least 1; got {cfg.gen_batch}")
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # read before torch.distributed starts
+        raise SystemExit("[bench] --refs runs in one process: start it with python, not torchrun")
+    return refs, cats, own_models(cfg)
+
+
+def generate_seeds(m, cfg, refs, seeds):
+    """One image per seed for cfg.prompt on `refs`, all seeds in one batch. Each seed's noise is drawn
+    alone (as sft.generate draws it for one image), so an image depends on its seed; the batch it
+    shares changes float rounding only (on a CPU at most one level of 255, on a few pixels)."""
+    b, f = len(seeds), m.vae_factor
+    t5, pooled = common.encode_text(m, [cfg.prompt] * b, cfg.max_text_len)
+    ref_tokens, hws = sft.prepare_refs(m, [refs] * b, cfg.resolution, cfg.resolution)
+    c = m.transformer.config.in_channels // 4
+    noise = torch.cat([sft.initial_noise(1, c, cfg.resolution // f, cfg.resolution // f, s, m.device, torch.float32)
+                       for s in seeds])  # [b, C, H/f, W/f]
+    lat = sft.sample_latents(m, t5, pooled, ref_tokens, hws, cfg.resolution, cfg.resolution, None, cfg.steps,
+                             cfg.guidance, cfg.pe, noise=noise)
+    return common.tensor_to_pil(common.decode_latents(m, lat))
+
+
+def generate_model(cfg, folder, stack, refs, device):
+    """folder/images/seed<s>.png for every seed; images this model made before are kept.
+    Returns {seed: path} and how many images were made now."""
+    claim_images(cfg, folder, stack)
+    paths = {s: folder / "images" / f"seed{s}.png" for s in cfg.seeds}
+    todo = [s for s in cfg.seeds if not paths[s].exists()]
+    if todo:
+        m = load_model(cfg, stack, device)
+        cond = [stitch(refs)] if cfg.stitch_refs else refs
+        for b0 in tqdm(range(0, len(todo), cfg.gen_batch), desc=f"generate {folder.name}"):
+            chunk = todo[b0: b0 + cfg.gen_batch]
+            for s, image in zip(chunk, generate_seeds(m, cfg, cond, chunk)):
+                save_png(paths[s], image)
+        del m
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the next model loads into this memory
+    return paths, len(todo)
+
+
+def own_sheet(refs, columns, seeds, cell=96):
+    """The references down the first column, then one column per model (its label on top), one row per
+    seed; `columns` is [(label, [image per seed])]."""
+    rows = []
+    for i in range(max(len(refs), len(seeds))):
+        blank = Image.new("RGB", (1, 1), "white")
+        rows.append([refs[i] if i < len(refs) else blank] + [ims[i] if i < len(seeds) else blank for _, ims in columns])
+    grid = image_grid(rows, cell)  # [refs | model 1 | model 2 ...]
+    head, gutter = 14, 48
+    sheet = Image.new("RGB", (grid.size[0] + gutter, grid.size[1] + head), "white")
+    sheet.paste(grid.crop((0, 0, cell, grid.size[1])), (0, head))
+    sheet.paste(grid.crop((cell, 0, grid.size[0], grid.size[1])), (cell + gutter, head))
+    d = ImageDraw.Draw(sheet)
+    d.text((2, 1), "references", fill=(0, 0, 0))
+    for j, (label, _) in enumerate(columns):
+        text = label if len(label) * 6 <= cell else label[: cell // 6 - 2] + ".."  # about 6 px a character
+        d.text((cell + gutter + j * cell + 2, 1), text, fill=(0, 0, 0))
+    for i, s in enumerate(seeds):
+        d.text((cell + 4, head + i * cell + cell // 2 - 5), f"seed {s}", fill=(0, 0, 0))
+    return sheet
+
+
+def score_own(cfg, refs, cats, outputs, device):
+    """Every output through the preset's reward mix; prints each subject's PSR and the judge's answer,
+    so a lost subject shows. outputs: {label: {seed: path}}. Returns the rows written to scores.json."""
+    import rewards
+
+    mix = rewards.build_reward_mix(cfg, device, common.model_dtype(device))
+    keys = [(label, s, p) for label, paths in outputs.items() for s, p in paths.items()]
+    images = []
+    for _, _, p in keys:
+        with Image.open(p) as im:
+            images.append(im.convert("RGB"))
+    res = mix(images, [refs] * len(images), [cats] * len(images), [cfg.prompt] * len(images))
+    psr, judge = res["detail"]["psr"], res["detail"].get("judge")
+    terms = " + ".join(f"{w:g} {k}" + (f"/{sc:g}" if sc != 1 else "") for k, w, sc in
+                       zip(("PSR", "judge", "HPSv3"), mix.weights, mix.scales) if w and (k != "judge" or judge)
+                       and (k != "HPSv3" or mix.hps is not None))
+    print(f"[bench] reward = {terms}; PSR per subject in {mix.mode} mode"
+          + (" (a subject not found scores 0)" if mix.mode == "strict" else ""))
+    rows = []
+    for n, (label, s, p) in enumerate(keys):
+        row = {"model": label, "seed": s, "image": str(p), "reward": res["reward"][n], "psr": res["psr"][n],
+               "subjects": [{"category": c, "psr": v, "found": hit}  # in reference order (a category may repeat)
+                            for c, v, hit in zip(cats, psr["per_subject"][n], psr["found"][n])]}
+        if judge:
+            row.update(judge=res["judge"][n], judge_answer=judge["answers"][n])
+        if "hps" in res:
+            row["hps"] = res["hps"][n]
+        rows.append(row)
+        subjects = ", ".join(f"{x['category']} {x['psr']:.3f}" + ("" if x["found"] else " LOST") for x in row["subjects"])
+        verdict = f"  judge {row['judge']:g}/10: {' '.join(row['judge_answer'].split())[:240]}" if judge else ""
+        print(f"  {label} seed {s}: reward {row['reward']:.3f}  PSR {row['psr']:.3f} ({subjects}){verdict}")
+    return rows
+
+
+def own_subjects(cfg):
+    refs, cats, models = check_own_inputs(cfg)  # every refusal happens here, before any model loads
+    device = common.setup_dist(cfg.device)
+    out = Path(cfg.out) if cfg.out else common.stage_dir(cfg, "subjects")
+    common.print_config(cfg, "bench", out)
+    common.ensure_writable(out, "bench")
+    ref_paths = [p.strip() for p in cfg.refs.split(",") if p.strip()]
+    inputs = {f"ref{k}": p for k, p in enumerate(ref_paths)}
+    inputs.update({f"{label}.lora{j}": lora for label, stack, _ in models for j, lora in enumerate(stack)})
+    common.open_run(out, cfg, "bench", inputs, extend=("seeds", "score", "categories"))
+    t0 = time.time()
+    made = {label: generate_model(mcfg, out / label, stack, refs, device) for label, stack, mcfg in models}
+    outputs = {label: paths for label, (paths, _) in made.items()}
+    t_gen = time.time() - t0
+    if any(n for _, n in made.values()) and (out / "scores.json").exists() and not cfg.score:
+        (out / "scores.json").unlink()  # it scored the images these replace
+        print(f"[bench] removed {out / 'scores.json'}: it scored other images; --score scores these")
+    columns = []
+    for label, paths in outputs.items():
+        ims = []
+        for s in cfg.seeds:
+            with Image.open(paths[s]) as im:
+                ims.append(im.convert("RGB"))
+        columns.append((label, ims))
+    save_png(out / "sheet.png", own_sheet(refs, columns, list(cfg.seeds)))
+    for label, paths in outputs.items():
+        print(f"[bench] {label}: " + "  ".join(str(p) for p in paths.values()))
+    n_new, n_all = sum(n for _, n in made.values()), sum(len(p) for p in outputs.values())
+    print(f"[bench] sheet: {out / 'sheet.png'} ({n_new} images made in {t_gen:.1f}s, {n_all - n_new} kept from an "
+          f"earlier run)")
+    if cfg.score:
+        rows = score_own(cfg, refs, cats, outputs, device)
+        write_json(out / "scores.json", {"prompt": cfg.prompt, "refs": [str(Path(p).resolve()) for p in ref_paths],
+                                         "categories": cats, "items": rows})
+        print(f"[bench] scores: {out / 'scores.json'}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 
 def main(cfg):
+    if cfg.refs or cfg.prompt:  # your own subjects (the section above)
+        return own_subjects(cfg)
+    if ";" in cfg.lora:
+        raise SystemExit("[bench] --lora given more than once: several models side by side is the --refs mode; "
+                         "a PSRBench run benches one model (one run per model, then --compare)")
     device = common.setup_dist(cfg.device)
     out = Path(cfg.out) if cfg.out else common.stage_dir(cfg, "bench")
     common.print_config(cfg, "bench", out)
@@ -704,4 +974,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    run_stage("bench", main, parse_config(Config, "bench"))
+    run_stage("bench", main, parse_config(Config, "bench", join_repeated(sys.argv[1:])))

@@ -313,3 +313,178 @@ def test_compare_labels_rows_by_model_name_and_lists_differing_settings(tmp_path
     assert "| pe-frame | 0.500 |" in report and "| pe-h | 0.700 |" in report and "| bench |" not in report
     assert "- pe-frame: bench.pe=frame" in report and "- pe-h: bench.pe=h" in report
     assert "sft.lr" not in report and "bench.steps" not in report  # shared settings are not repeated
+
+
+# ----------------------------------------------------------------------------------------------
+# Your own subjects: bench.py --refs a.png,b.png --prompt "..."
+
+def write_refs(folder):
+    """Two reference PNGs of different sizes, as a user's own photos would be."""
+    from PIL import Image, ImageDraw
+
+    a, b = Image.new("RGB", (48, 64), (230, 230, 230)), Image.new("RGB", (64, 64), (40, 40, 40))
+    ImageDraw.Draw(a).ellipse((8, 16, 40, 48), fill=(220, 40, 40))
+    ImageDraw.Draw(b).rectangle((16, 16, 48, 48), fill=(40, 90, 220))
+    paths = [folder / "circle.png", folder / "square.png"]
+    a.save(paths[0])
+    b.save(paths[1])
+    return paths
+
+
+def tiny_lora(tiny_dir, folder, seed=1):
+    """A LoRA with non-zero weights, saved as sft.py saves one (settings beside it)."""
+    import torch
+
+    m = common.load_kontext("tiny", "cpu", torch.float32, tiny_dir)
+    torch.manual_seed(seed)
+    for p in common.add_lora(m.transformer, 4, 4):
+        p.data.normal_(0, 0.2)  # peft starts B at zero: a fresh adapter would change nothing
+    common.save_lora(m.transformer, folder, settings={"model": "tiny", "pe": "frame", "resolution": 64,
+                                                      "max_text_len": 16, "guidance": 2.5})
+    return folder
+
+
+def own(tiny_dir, *args):
+    argv = bench.join_repeated(["--preset", "tiny", "--tiny_dir", tiny_dir, "--steps", "2", *args])
+    return bench.main(common.parse_config(bench.Config, "bench", argv))
+
+
+def pixels(path):
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB")).astype(int)
+
+
+def test_join_repeated_gives_one_model_per_lora():
+    assert bench.join_repeated(["--lora", "a", "--seeds", "1", "--lora=b,c"]) == ["--seeds", "1", "--lora", "a;b,c"]
+    assert bench.join_repeated(["--lora", "a,b"]) == ["--lora", "a,b"]  # one model: a and b fused in order
+    assert bench.join_repeated(["--seeds", "1"]) == ["--seeds", "1"]
+
+
+def test_own_subjects_from_two_pngs(tmp_path, tiny_dir, capsys):
+    import numpy as np
+
+    refs = ",".join(map(str, write_refs(tmp_path)))
+    lora = tiny_lora(tiny_dir, tmp_path / "my-run" / "lora")
+    prompt = ("--prompt", "the circle to the left of the square")
+    out = own(tiny_dir, "--refs", refs, *prompt, "--lora", "none", "--lora", str(lora.parent), "--seeds", "0,1,2",
+              "--gen_batch", "2", "--out", str(tmp_path / "a"))
+    printed = capsys.readouterr().out
+    images = {label: [out / label / "images" / f"seed{s}.png" for s in (0, 1, 2)] for label in ("base", "my-run")}
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["base", "my-run"]  # one folder per model, by run
+    for paths in images.values():
+        assert sorted((paths[0].parent).glob("*.png")) == paths  # one image per seed, nothing else
+        for p in paths:
+            assert pixels(p).shape == (64, 64, 3)  # the tiny preset's resolution
+            assert str(p) in printed
+    assert str(out / "sheet.png") in printed
+    from PIL import Image
+
+    with Image.open(out / "sheet.png") as sheet:  # references, a seed gutter, then two 96-pixel columns
+        assert sheet.size == (96 * 3 + 48, 14 + 96 * 3)
+    # different seeds differ, and so do the two models on one seed
+    base = [pixels(p) for p in images["base"]]
+    assert np.abs(base[0] - base[1]).mean() > 1 and np.abs(base[1] - base[2]).mean() > 1
+    assert np.abs(base[0] - pixels(images["my-run"][0])).mean() > 1
+    # the same seed gives the same image: the same command again, in another folder
+    again = own(tiny_dir, "--refs", refs, *prompt, "--lora", str(lora), "--seeds", "0,1,2", "--gen_batch", "2",
+                "--out", str(tmp_path / "b"))
+    for s in (0, 1, 2):
+        assert (pixels(again / "my-run" / "images" / f"seed{s}.png") == pixels(images["my-run"][s])).all()
+    # and in another batch (seed 1 first, alone): each seed's noise is its own, the batch changes float
+    # rounding only (at most one level of 255 on a few pixels)
+    alone = own(tiny_dir, "--refs", refs, *prompt, "--lora", str(lora), "--seeds", "1,0", "--gen_batch", "1",
+                "--out", str(tmp_path / "c"))
+    for s in (0, 1):
+        diff = np.abs(pixels(alone / "my-run" / "images" / f"seed{s}.png") - pixels(images["my-run"][s]))
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+    # a rerun keeps what is there and makes only the new seed; --score then scores every image
+    before = {p: p.stat().st_mtime_ns for ps in images.values() for p in ps}
+    capsys.readouterr()
+    own(tiny_dir, "--refs", refs, *prompt, "--lora", "none", "--lora", str(lora), "--seeds", "0,1,2,3",
+        "--out", str(tmp_path / "a"), "--categories", "circle,square", "--score")
+    printed = capsys.readouterr().out
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items())
+    assert (out / "base" / "images" / "seed3.png").exists() and (out / "my-run" / "images" / "seed3.png").exists()
+    scores = json.loads((out / "scores.json").read_text())
+    assert len(scores["items"]) == 8
+    for row in scores["items"]:
+        assert [x["category"] for x in row["subjects"]] == ["circle", "square"] and "judge_answer" in row
+        assert row["psr"] == pytest.approx(sum(x["psr"] for x in row["subjects"]) / 2)
+        assert f"{row['model']} seed {row['seed']}: reward {row['reward']:.3f}" in printed
+    assert "circle" in printed and "square" in printed and "judge" in printed
+
+
+def test_own_subjects_refuse_bad_input_before_a_model_loads(tmp_path, tiny_dir, monkeypatch):
+    """The model path does not exist: a check made after loading would fail on it instead."""
+    a, b = write_refs(tmp_path)
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    good = {"--refs": f"{a},{b}", "--prompt": "the circle above the square"}
+    cases = [({"--refs": f"{a},{tmp_path}/gone.png"}, "gone.png does not exist"),
+             ({"--refs": f"{a},{tmp_path}/broken.png"}, "broken.png is not a readable image"),
+             ({"--refs": ","}, "--refs: 0 reference images; the model takes 1 to 4"),
+             ({"--refs": ",".join([str(a)] * 5)}, "--refs: 5 reference images; the model takes 1 to 4"),
+             ({"--prompt": "  "}, "--prompt is empty"),
+             ({"--categories": "circle,square,hat"}, "--categories names 3 subjects but --refs gives 2 images"),
+             ({"--score": "true"}, "--score needs --categories"),
+             ({"--lora": str(tmp_path / "no-run")}, "--lora: .*no-run holds no pytorch_lora_weights"),
+             ({"--psrbench": str(tmp_path)}, "--psrbench belongs to another mode")]
+    for change, message in cases:
+        argv = [x for k, v in {**good, "--lora": "none", **change}.items() for x in (k, v)]
+        with pytest.raises(SystemExit, match=message):
+            own(tiny_dir, *argv, "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "out"))
+        assert not (tmp_path / "out").exists()  # nothing written either
+    args = [x for kv in good.items() for x in kv] + ["--lora", "none", "--model", str(tmp_path / "no-model"),
+                                                    "--out", str(tmp_path / "out")]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="not torchrun"):
+        own(tiny_dir, *args)
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(OSError, match="no-model"):  # the good command does reach the model, and fails there
+        own(tiny_dir, *args)
+
+
+def test_an_rl_lora_alone_is_refused_naming_its_sft_lora(tmp_path, tiny_dir):
+    a, b = write_refs(tmp_path)
+    sft_l = tiny_lora(tiny_dir, tmp_path / "x-sft" / "lora")
+    rl_l = tiny_lora(tiny_dir, tmp_path / "x-rl" / "lora")
+    record = json.loads((rl_l / "config.json").read_text())
+    record["inputs"] = {"sft_lora": {"path": str(sft_l.resolve()), "sha256": common.content_hash(sft_l)}}
+    (rl_l / "config.json").write_text(json.dumps(record))  # what rl.py's open_run records
+    args = ("--refs", f"{a},{b}", "--prompt", "p", "--seeds", "0", "--steps", "1", "--out", str(tmp_path / "out"))
+    with pytest.raises(SystemExit, match=f"give --lora {sft_l.resolve()},{rl_l}"):
+        own(tiny_dir, *args, "--lora", str(rl_l))
+    out = own(tiny_dir, *args, "--lora", f"{sft_l},{rl_l}")  # on its SFT LoRA it is one model, labelled by RL's run
+    assert (out / "x-rl" / "images" / "seed0.png").exists()
+
+
+def test_one_reference_with_our_loras_matches_flux_kontext_pipeline(tmp_path, tiny_dir):
+    """The README's recipe for one reference: diffusers' FluxKontextPipeline with the SFT LoRA loaded by
+    load_lora_weights and fused, then the RL LoRA loaded on top, at the LoRAs' resolution (max_area, no
+    auto-resize), guidance and text length, gives the image bench.py gives (to one level of 255)."""
+    import torch
+    from diffusers import FluxKontextPipeline
+    from PIL import Image
+
+    a, _ = write_refs(tmp_path)
+    sft_l, rl_l = tiny_lora(tiny_dir, tmp_path / "s" / "lora"), tiny_lora(tiny_dir, tmp_path / "run" / "lora", seed=2)
+    out = own(tiny_dir, "--refs", str(a), "--prompt", "the circle on a red background", "--lora", f"{sft_l},{rl_l}",
+              "--seeds", "5", "--steps", "3", "--out", str(tmp_path / "own"))
+    ours = pixels(out / "run" / "images" / "seed5.png")
+    pipe = FluxKontextPipeline.from_pretrained(common.resolve_model("tiny", tiny_dir), dtype=torch.float32)
+    pipe.load_lora_weights(str(sft_l), adapter_name="sft")
+    pipe.fuse_lora(adapter_names=["sft"])  # RL trained on the SFT-fused model
+    pipe.unload_lora_weights()
+    pipe.load_lora_weights(str(rl_l), adapter_name="rl")
+    h, w = common.ref_size(48, 64, 64 * 64)  # the reference at the LoRA's area, as bench.py sizes it
+    with Image.open(a) as im:
+        ref = im.convert("RGB").resize((w, h), Image.BICUBIC)
+    theirs = pipe(image=ref, prompt="the circle on a red background", height=64, width=64, max_area=64 * 64,
+                  _auto_resize=False, guidance_scale=2.5, num_inference_steps=3, max_sequence_length=16,
+                  generator=torch.Generator().manual_seed(5)).images[0]
+    import numpy as np
+
+    diff = np.abs(ours - np.asarray(theirs).astype(int))
+    assert diff.max() <= 1 and diff.mean() < 0.01
