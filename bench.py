@@ -75,10 +75,10 @@ class Config(RewardConfig):
     lora: str = "auto"            # comma list of LoRA folders fused in order; auto: the preset's runs.
                                   # With --refs, give --lora once per model to compare (or split models with ';')
     name: str = ""                # the model's name in the report
-    subsets: str = ",".join(SUBSETS)
+    subsets: str = ",".join(SUBSETS)  # comma list of the subsets to bench
     first_k: int = 0              # 0: every item
     resolution: int = 512
-    steps: int = 28
+    steps: int = 28               # Euler sampling steps per image
     guidance: float = 2.5
     pe: str = "frame"
     max_text_len: int = 512
@@ -86,7 +86,7 @@ class Config(RewardConfig):
     compare: str = ""             # comma list of scores.json to put side by side
     ablation: str = ""            # comma list of scores.json named <variant>-s<seed>: mean and spread per variant
     dreambench: str = ""          # JSON of {"subjects": [dir, dir], "prompt": ...} pairs
-    clip: str = "openai/clip-vit-base-patch32"
+    clip: str = "openai/clip-vit-base-patch32"  # --dreambench: CLIP model of its image and text scores
     tiny_items: int = 2           # items per subset in the procedural PSRBench
     build_psrbench: bool = False  # build the procedural PSRBench (held-out ids) at --psrbench if it is missing
     source: str = ""              # its drawer, package.module:function, as make_data's --source (the preset's)

@@ -68,19 +68,115 @@ def _coerce(value, default):
 
 # Knobs with a fixed set of values, checked before any model loads.
 CHOICES = {"pe": ("frame", "h", "w", "hw"), "kernels": ("torch", "triton"), "mode": ("strict", "official")}
+# Knobs that are lists of a fixed length, checked before any model loads: a short --weights would
+# otherwise drop a reward term silently while its model is still loaded and run.
+LENGTHS = {"weights": (3, "PSR, judge, HPSv3"), "scales": (3, "PSR, judge, HPSv3"),
+           "ref_probs": (3, "2, 3 and 4 references"), "task_mix": (7, "one weight per task, in TASKS order")}
 # Knobs every stage takes besides its Config: where runs go and what to do with an earlier run there.
 RUN_KNOBS = {"tag": ("", "runs go to runs/<preset>-<tag>-<stage>; each stage finds its inputs by the same tag"),
              "overwrite": (False, "replace an earlier run in --out made with other settings (else it is refused)")}
+# What a knob several stages share means, for a stage whose Config has no comment beside it.
+SHARED_HELP = {"preset": "configs/<name>.json: its top level for every stage, then this stage's section; "
+                         "leave it out for the paper's defaults",
+               "device": "cpu, cuda or cuda:N; default cuda when there is one",
+               "seed": "seeds every random draw of the run (a resume continues the same draws)",
+               "tiny_dir": "where the seeded random models of `tiny` live (built on first use)",
+               "resolution": "image side in pixels (a LoRA records the one it was trained at)",
+               "max_text_len": "T5 tokens of an instruction (a LoRA records the one it was trained with)",
+               "guidance": "Kontext's guidance embedding (a LoRA records the one it was trained with)",
+               "pe": "position ids of the references: frame (paper) | h | w | hw",
+               "model": "base model: local folder, hub id, or tiny",
+               "data": "dataset folder; default data/<preset>",
+               "out": "output folder; default runs/<preset>[-<tag>]-<stage>",
+               "kernels": "attention: torch (diffusers) | triton (kernels/)"}
+PRESET_DIR = ROOT / "configs"
+# Preset sections: the stage whose Config reads each (file, class); the top level may hold a knob of any.
+PRESET_SECTIONS = {"make_data": ("make_data.py", "Config"), "sft": ("sft.py", "Config"),
+                   "rewards": ("rewards.py", "Config"), "rl": ("rl.py", "Config"), "bench": ("bench.py", "Config"),
+                   "world": ("world/build.py", "Config")}
+
+
+def nearest(word, names):
+    """' (did you mean X?)' for the closest of `names`, or '' when none is close."""
+    import difflib
+
+    word = str(word).lower()  # "SFT" is close to "sft"
+
+    def closeness(name):  # two swapped letters ("tyni") are as close as a name gets
+        name = str(name).lower()
+        return difflib.SequenceMatcher(None, word, name).ratio() + (sorted(name) == sorted(word))
+
+    best = max(sorted(names), key=closeness, default=None)
+    return f" (did you mean {best!r}?)" if best is not None and closeness(best) >= 0.6 else ""
+
+
+def stage_knobs():
+    """{section: knob names} of every stage's Config, read from the source with ast (common.py imports
+    no file of the project), base classes included: what a preset may name."""
+    import ast
+
+    classes = {}
+    for stage, (file, _) in PRESET_SECTIONS.items():
+        path = ROOT / file
+        if not path.exists():
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                fields = {n.target.id for n in node.body if isinstance(n, ast.AnnAssign) and
+                          isinstance(n.target, ast.Name) and "ClassVar" not in ast.unparse(n.annotation)}
+                bases = [b.id for b in node.bases if isinstance(b, ast.Name)]
+                classes[(file, node.name)] = (fields, bases)
+    by_name = {key[1]: key for key in classes if key[1] != "Config"}  # base classes (RewardConfig) by name
+
+    def fields_of(key):
+        fields, bases = classes.get(key, (set(), []))
+        return fields.union(*[fields_of(by_name[b]) for b in bases if b in by_name])
+
+    return {stage: fields_of(key) for stage, key in PRESET_SECTIONS.items() if key in classes}
+
+
+def read_preset(name):
+    """configs/<name>.json, checked: the file named in every error, unknown keys and sections refused
+    with the nearest valid name."""
+    if not str(name).strip():
+        raise SystemExit(f"--preset is empty: name one of {', '.join(preset_names())}, or leave --preset out "
+                         f"for the paper's defaults")
+    path = PRESET_DIR / f"{name}.json"
+    if not path.exists():
+        raise SystemExit(f"no preset {name!r}: {path} does not exist{nearest(name, preset_names())}; "
+                         f"presets: {', '.join(preset_names())}")
+    try:
+        blob = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"{path}: not valid JSON at line {e.lineno} column {e.colno}: {e.msg}")
+    if not isinstance(blob, dict):
+        raise SystemExit(f"{path}: a preset is a JSON object of knobs and stage sections")
+    knobs = stage_knobs()
+    every = set().union(*knobs.values())
+    for key, value in blob.items():
+        if isinstance(value, dict):
+            if key not in knobs:
+                raise SystemExit(f"{path}: unknown section {key!r}{nearest(key, knobs)}; sections: {', '.join(knobs)}")
+            for sub in value:
+                if sub not in knobs[key]:
+                    raise SystemExit(f"{path}: section {key!r} has unknown knob {sub!r}{nearest(sub, knobs[key])}")
+        elif key not in every:
+            raise SystemExit(f"{path}: unknown knob {key!r} at the top level{nearest(key, every)}")
+    return path, blob
+
+
+def preset_names():
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
 
 
 def parse_config(cls, stage, argv=None):
     """Build `cls` from defaults, configs/<preset>.json (top level, then its sections), then argv.
-    `--help` prints every knob with its default and comment; `--tag` and `--overwrite` (RUN_KNOBS)
-    are taken by every stage and kept as attributes beside the dataclass fields."""
+    `--help` prints every knob with what it does and its value (the preset's, when one is given);
+    `--tag` and `--overwrite` (RUN_KNOBS) are taken by every stage and kept as attributes beside the
+    dataclass fields. Every refusal here is one line naming the knob or the preset file."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--help" in argv or "-h" in argv:
-        print_help(cls, stage)
-        raise SystemExit(0)
+    want_help = "--help" in argv or "-h" in argv
+    argv = [a for a in argv if a not in ("--help", "-h")]
     pairs = []
     while argv:
         key = argv.pop(0)
@@ -98,34 +194,44 @@ def parse_config(cls, stage, argv=None):
     cfg = cls()
     for key, (default, _) in RUN_KNOBS.items():
         setattr(cfg, key, default)
-    preset = dict(pairs).get("preset", "")
-    if preset:
-        path = ROOT / "configs" / f"{preset}.json"
-        if not path.exists():
-            raise SystemExit(f"no preset {preset!r}: {path} does not exist")
-        blob = json.loads(path.read_text())
+    presets = [v for k, v in pairs if k == "preset"]
+    if presets:  # an empty --preset is refused in read_preset, never taken as "no preset"
+        path, blob = read_preset(presets[-1])
         for key, value in blob.items():
             if key in known and not isinstance(value, dict):
-                setattr(cfg, key, _coerce(value, known[key].default))
+                setattr(cfg, key, _coerce_knob(key, value, known[key].default, path))
         # Shared sections first (a Config that extends rewards.RewardConfig reads "rewards"), then the stage's own.
         for name in dict.fromkeys((*getattr(cls, "preset_sections", ()), stage)):
             for key, value in blob.get(name, {}).items():
                 if key not in known:
-                    raise SystemExit(f"{path}: section {name!r} has unknown knob {key!r}")
-                setattr(cfg, key, _coerce(value, known[key].default))
+                    raise SystemExit(f"{path}: section {name!r} has unknown knob {key!r} for {stage}.py"
+                                     f"{nearest(key, known)}")
+                setattr(cfg, key, _coerce_knob(key, value, known[key].default, path))
     for key, value in pairs:
         if key not in known and key not in RUN_KNOBS:
-            raise SystemExit(f"unknown knob --{key} for {stage}.py (see --help); knobs: {', '.join(known)}")
-        try:
-            default = known[key].default if key in known else RUN_KNOBS[key][0]
-            setattr(cfg, key, _coerce(value, default))
-        except ValueError as e:
-            raise SystemExit(f"--{key}: {e}")
+            raise SystemExit(f"unknown knob --{key} for {stage}.py{nearest(key, [*known, *RUN_KNOBS])}; "
+                             f"`python {stage}.py --help` lists every knob")
+        default = known[key].default if key in known else RUN_KNOBS[key][0]
+        setattr(cfg, key, _coerce_knob(key, value, default))
     for key, allowed in CHOICES.items():
         if key in known and getattr(cfg, key) not in allowed:
             raise SystemExit(f"--{key} must be one of {', '.join(allowed)}; got {getattr(cfg, key)!r}")
+    for key, (n, what) in LENGTHS.items():
+        if key in known and len(getattr(cfg, key)) != n:
+            raise SystemExit(f"--{key} has {len(getattr(cfg, key))} values {list(getattr(cfg, key))}; it takes {n} "
+                             f"({what}), e.g. --{key} {','.join(map(str, known[key].default))}")
     cfg._explicit = {key for key, _ in pairs}  # knobs given on the command line (adopt_lora_settings)
+    if want_help:
+        print_help(cls, stage, cfg if presets else None)
+        raise SystemExit(0)
     return cfg
+
+
+def _coerce_knob(key, value, default, path=None):
+    try:
+        return _coerce(value, default)
+    except ValueError as e:
+        raise SystemExit(f"{path}: knob {key!r}: {e}" if path else f"--{key}: {e}")
 
 
 def load_named(spec, knob="name"):
@@ -172,18 +278,26 @@ def knob_comments(cls):
     return comments
 
 
-def print_help(cls, stage):
+def knob_help(cls):
+    """{knob: what it does}: the comment beside it in the Config, else SHARED_HELP's line, else ''."""
+    comments = knob_comments(cls)
+    return {f.name: comments.get(f.name) or SHARED_HELP.get(f.name, "") for f in dataclasses.fields(cls)}
+
+
+def print_help(cls, stage, cfg=None):
+    """Every knob, its value and what it does; with a preset (`cfg`), the values it resolves to."""
     doc = sys.modules[cls.__module__].__doc__ or ""
     print(doc.strip() + "\n")
-    print(f"Knobs of {stage}.py (--name value; a preset, --preset NAME, sets many at once):")
-    comments = knob_comments(cls)
-    rows = [(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory(), comments.get(f.name, ""))
-            for f in dataclasses.fields(cls)]
-    rows += [(k, d, c) for k, (d, c) in RUN_KNOBS.items()]
-    for name, default, comment in rows:
+    source = f"values with --preset {cfg.preset} (configs/{cfg.preset}.json) and the command line" if cfg else "defaults"
+    print(f"Knobs of {stage}.py (--name value; a preset, --preset NAME, sets many at once); {source}:")
+    helps = knob_help(cls)
+    rows = [(f.name, getattr(cfg, f.name) if cfg else f.default if f.default is not dataclasses.MISSING
+             else f.default_factory(), helps[f.name]) for f in dataclasses.fields(cls)]
+    rows += [(k, getattr(cfg, k) if cfg else d, c) for k, (d, c) in RUN_KNOBS.items()]
+    for name, value, comment in rows:
         choices = f" [{' | '.join(CHOICES[name])}]" if name in CHOICES else ""
-        default = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        print(f"  --{name:<20} {str(default)!s:<38} {comment}{choices}")
+        value = ",".join(map(str, value)) if isinstance(value, tuple) else value
+        print(f"  --{name:<20} {str(value)!s:<38} {comment}{choices}")
 
 
 def stage_dir(cfg, stage):

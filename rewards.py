@@ -60,24 +60,24 @@ class RewardConfig:
     their command line too (`python rl.py --weights 0.5,0.3,0.2 --judge_url ...`), and a preset's
     "rewards" section sets them for every stage at once (parse_config reads `preset_sections`)."""
     preset_sections: ClassVar[tuple] = ("rewards",)
-    detector: str = "IDEA-Research/grounding-dino-tiny"
-    dino: str = "facebook/dino-vits16"
+    detector: str = "IDEA-Research/grounding-dino-tiny"  # open-set detector (Grounding DINO): folder, hub id or tiny
+    dino: str = "facebook/dino-vits16"  # embedder of the subject crops (DINO ViT-S/16): folder, hub id or tiny
     judge: str = "Qwen/Qwen2.5-VL-7B-Instruct"   # in-process judge; ignored when judge_url is set
     judge_url: str = ""           # OpenAI-compatible endpoint, e.g. http://host:8000/v1
-    judge_key: str = ""
-    judge_model: str = ""
+    judge_key: str = ""           # API key of judge_url, if it needs one
+    judge_model: str = ""         # the model name judge_url serves (e.g. Qwen2.5-VL-7B-Instruct)
     judge_templates: str = ""     # folder holding the authors' *-alignment.py (or a folder above it)
-    judge_concurrency: int = 16
+    judge_concurrency: int = 16   # requests to judge_url in flight at once
     judge_max_tokens: int = 0     # 0: no cap (the authors set none; a cap can cut the answer before its score)
     judge_temperature: float = 0.2  # the authors' sampling temperature, for the local judge too (seeded)
-    judge_seed: int = 0
+    judge_seed: int = 0           # seeds the local judge's sampling, per call
     judge_fallback: float = 0.0   # RL's value of an answer without a number (it is also counted)
     hps_base: str = "Qwen/Qwen2-VL-7B-Instruct"  # "" (or "none"): no aesthetics term
     hps_ckpt: str = "MizzenAI/HPSv3"  # HPSv3.safetensors, a folder holding it, or a hub id
     hps_prompt: str = ""          # file with HPSv3's prompt constants (else read from the hpsv3 package)
-    hps_pixels: int = 256 * 28 * 28
-    box_threshold: float = 0.35
-    text_threshold: float = 0.25
+    hps_pixels: int = 256 * 28 * 28  # HPSv3's image size in pixels (Qwen2-VL's max_pixels)
+    box_threshold: float = 0.35   # detector: keep boxes scoring at least this
+    text_threshold: float = 0.25  # detector: a box's label needs this score
     mode: str = "strict"          # strict | official
     weights: tuple = (0.4, 0.4, 0.2)   # PSR, judge, HPSv3 (the paper's mix)
     scales: tuple = (1.0, 10.0, 10.0)  # each term is divided by its scale before mixing
@@ -92,8 +92,8 @@ class Config(RewardConfig):
     preset: str = ""
     images: str = ""              # items JSON (or a folder with items.json) to score
     out: str = ""                 # default: <images>.scores.json
-    benchmark: bool = False
-    n_images: int = 24
+    benchmark: bool = False       # time batched against one-image-at-a-time scoring instead of scoring --images
+    n_images: int = 24            # --benchmark: images in the batch
 
 
 # ----------------------------------------------------------------------------------------------

@@ -74,7 +74,7 @@ class Config:
     grad_ckpt: bool = True       # gradient checkpointing (ours: needed for 12B at 512px with 4 refs)
     kernels: str = "torch"       # attention: torch (diffusers) | triton (fused q/k norm + RoPE, kernels/)
     ckpt_every: int = 500        # steps between checkpoints (resume points) and curves.png redraws
-    log_every: int = 10
+    log_every: int = 10          # steps between log.jsonl rows
     sample_every: int = 1000     # steps between sample grids of held-out prompts (0: only the final one)
     n_eval: int = 4              # held-out samples (the dataset's last): never trained on, shown in the grids
     seed: int = 0
