@@ -353,14 +353,35 @@ def atomic_path(path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it 0600; the result gets a normal file's mode
     try:
         yield Path(tmp)
+        # mkstemp makes it 0600, and so does safetensors' writer: the result gets a normal file's mode
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def normalize_modes(folder):
+    """Every file under `folder` readable like the folder (0644 / 0755 under the default umask):
+    safetensors and the libraries' save_pretrained write 0600."""
+    mask = current_umask()
+    folder = Path(folder)
+    os.chmod(folder, 0o777 & ~mask)
+    for p in folder.rglob("*"):
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+def fsync_path(path):
+    """Flushes a file (or a folder's entries, after a rename) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 WRITE_ERRORS = {errno.ENOSPC: "no space left", errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
@@ -555,15 +576,21 @@ def record_diff(old, new, extend=()):
 
 
 def open_run(out, cfg, stage, inputs=None, extend=()):
-    """Claims `out` for this run: writes out/config.json. A folder holding a run made with other
-    settings stops the stage with the differing knobs named; --overwrite removes that run first.
-    `extend` names the knobs whose change only lengthens the run (a resume may raise them)."""
+    """Claims `out` for this run: takes the folder's lock (claim_folder), removes temp files a killed
+    run left, checks every input before any model loads (check_inputs), writes out/config.json. A
+    folder holding a run made with other settings stops the stage with the differing knobs named;
+    --overwrite removes that run first. `extend` names the knobs whose change only lengthens the run
+    (a resume may raise them)."""
     out = Path(out)
+    if rank() == 0:  # under torchrun, rank 0 holds the folder for the whole run
+        claim_folder(out, stage)
+        remove_stale_temps(out, stage)
+    check_inputs(inputs or {}, stage)
     path = out / "config.json"
     record = run_record(cfg, stage, inputs)
-    fresh = not any(p.name != "config.json" for p in out.iterdir()) if out.exists() else True
+    fresh = not any(p.name not in ("config.json", LOCK_NAME) for p in out.iterdir()) if out.exists() else True
     # A folder with nothing but config.json (a run that stopped at its own checks) is fresh.
-    diff = record_diff(json.loads(path.read_text()), record, extend) if path.exists() and not fresh else []
+    diff = record_diff(read_json_file(path), record, extend) if path.exists() and not fresh else []
     barrier()  # every rank has read the old record before rank 0 replaces it
     if diff:
         what = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, a, b in diff)
@@ -572,11 +599,149 @@ def open_run(out, cfg, stage, inputs=None, extend=()):
                              f"the two. Give --out a new folder to keep it, or --overwrite to replace it.")
         if rank() == 0:
             print(f"[{stage}] --overwrite: removing the earlier run in {out} ({what})")
-            shutil.rmtree(out)
+            for p in out.iterdir():  # all but the lock this run holds
+                if p.name != LOCK_NAME:
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     if rank() == 0:
         write_json(path, record)
     barrier()
     return record
+
+
+# One run per folder: an exclusive lock on out/.lock, held from open_run until the process ends (or
+# opens another run). fcntl locks belong to the process: the OS drops them when it dies, SIGKILL
+# included, so a killed run never blocks its resume, and no stale lock file needs removing by hand.
+LOCK_NAME = ".lock"
+_HELD = {}  # folder -> the open lock file of the run this process holds
+
+
+def claim_folder(out, stage):
+    """Takes out/.lock or stops at once, naming the folder and the holder's pid and host. A process
+    holds one run folder at a time: claiming another releases the first (tests run stages in turn)."""
+    import fcntl
+    import socket
+
+    out = Path(out).resolve()
+    if out in _HELD:
+        return
+    release_folders()
+    out.mkdir(parents=True, exist_ok=True)
+    f = open(out / LOCK_NAME, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "a process that has not written its name yet"
+        f.close()
+        raise SystemExit(f"[{stage}] {out} is in use by another run: {holder}. Two runs in one folder would mix "
+                         f"their checkpoints and logs. Wait for it to finish (or stop it), or give --out a new folder.")
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on host {socket.gethostname()}, {stage}.py, since "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    _HELD[out] = f
+
+
+def release_folders():
+    """Drops every run-folder lock this process holds."""
+    for f in _HELD.values():
+        f.close()  # closing the file releases its flock
+    _HELD.clear()
+
+
+def remove_stale_temps(out, stage):
+    """Temp files a killed run left in `out` (a checkpoint's temp can be GBs): only the lock holder
+    calls this, so nothing else is writing them."""
+    out = Path(out)
+    stale = []
+    for folder in (out, out / "cache"):
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            temp_file = p.name.startswith(".") and (p.name.endswith(".tmp") or p.name.startswith(".write-check."))
+            temp_dir = p.is_dir() and p.name.startswith(".") and (p.name.startswith(".lora.") or p.name.endswith(".old"))
+            if (temp_file and p.is_file()) or temp_dir:
+                size = sum(q.stat().st_size for q in p.rglob("*") if q.is_file()) if temp_dir else p.stat().st_size
+                shutil.rmtree(p) if temp_dir else p.unlink()
+                stale.append(f"{p.name} ({size / 2**20:.1f} MiB)")
+    if stale:
+        print(f"[{stage}] removed {len(stale)} temp file(s) a killed run left in {out}: {', '.join(stale)}")
+
+
+def read_json_file(path, fix="delete it or restore it from a good copy"):
+    """A JSON file the project wrote; a damaged one stops the stage with its path, not a traceback."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"{path} is damaged: not valid JSON at line {e.lineno} column {e.colno} ({e.msg}); {fix}")
+
+
+def check_inputs(inputs, stage):
+    """Every input a run records, checked before any model loads; each failure is one line naming the
+    file and what mends it. A dataset (its samples.jsonl): every line parses and has its fields, every
+    cache shard's header opens. A LoRA (an input named *lora*): its weights file's header opens."""
+    for name, path in inputs.items():
+        path = Path(path)
+        if path.name == "samples.jsonl":
+            check_dataset(path.parent, stage)
+        elif "lora" in name:
+            check_lora(path, stage)
+        elif not path.exists():
+            raise SystemExit(f"[{stage}] input {name}: {path} does not exist")
+
+
+def check_dataset(data_dir, stage):
+    fix = (f"rerun the make_data.py command that made {data_dir} (its knobs are in {Path(data_dir) / 'config.json'}): "
+           f"its resume rebuilds what is damaged")
+    try:
+        samples = load_samples(data_dir)
+    except ValueError as e:
+        raise SystemExit(f"[{stage}] {e}; {fix}")
+    bad = damaged_shards(Path(data_dir) / "cache")
+    if bad:
+        shard, reason = next(iter(bad.items()))
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise SystemExit(f"[{stage}] cache shard {shard} is damaged: {reason}{more}; {fix}")
+    return samples
+
+
+def check_lora(folder, stage):
+    folder = Path(folder)
+    weights = folder if folder.suffix == ".safetensors" else folder / "pytorch_lora_weights.safetensors"
+    if not weights.exists():
+        raise SystemExit(f"[{stage}] {folder} holds no LoRA: {weights.name} is missing (a run that has not "
+                         f"finished saves it at its end: rerun that run to finish it)")
+    problem = safetensors_problem(weights)
+    if problem:
+        made_by = read_record(folder).get("stage") if folder.is_dir() else None
+        raise SystemExit(f"[{stage}] {weights} is damaged: {problem}; rerun the "
+                         f"{made_by + '.py ' if made_by else ''}command that made it: it resaves the LoRA from its "
+                         f"last checkpoint")
+
+
+def safetensors_problem(path):
+    """Why a .safetensors file cannot be read ('' when its header opens and its size matches the
+    header: a file cut short or overwritten is caught without reading its tensors)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"{size} bytes, shorter than the 8-byte header length"
+            n = int.from_bytes(head, "little")
+            if n > size - 8:
+                return f"its header claims {n} bytes but the file has {size} (cut short?)"
+            meta = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"), default=0)
+    except OSError as e:
+        return f"unreadable ({e.strerror})"
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+        return f"its header does not parse ({type(e).__name__}: {e})"
+    if 8 + n + end != size:
+        return f"{size} bytes where its header says {8 + n + end} (cut short?)"
+    return ""
 
 
 def nice_ticks(lo, hi, n=5):
@@ -732,6 +897,7 @@ def ensure_tiny_model(tiny_dir, name, builder):
     try:
         builder(tmp)
         (tmp / ".complete").write_text("built by psr-ref\n")
+        normalize_modes(tmp)
         try:
             os.rename(tmp, target)
         except OSError:  # another process finished first; theirs is identical (same seed)
@@ -986,10 +1152,42 @@ def read_cache_parts(cache, fp):
     parts made with this fingerprint; another model or size's parts are ignored (and redone)."""
     shards = {}
     for path in sorted(cache.glob("manifest*.json")):
-        part = json.loads(path.read_text())
+        part = read_json_file(path, f"delete {path} to rebuild the cache")
         if all(part.get(k) == v for k, v in fp.items()):
             shards.update(part["shards"])
     return shards
+
+
+def damaged_shards(cache):
+    """{shard path: why} for every shard a cache manifest lists that is missing or whose header does
+    not open (a shard cut short by a full disk or a bad copy); reads headers only."""
+    cache, bad = Path(cache), {}
+    for man in sorted(cache.glob("manifest*.json")) if cache.is_dir() else []:
+        for shard in read_json_file(man, f"delete {man} to rebuild the cache").get("shards", {}):
+            path = cache / shard
+            if path not in bad:
+                problem = safetensors_problem(path) if path.exists() else f"listed in {man.name} but missing"
+                if problem:
+                    bad[path] = problem
+    return bad
+
+
+def drop_damaged_shards(cache):
+    """Takes damaged shards out of every cache manifest and deletes them, so that build_cache encodes
+    their samples again. Returns how many there were."""
+    bad = damaged_shards(cache)
+    for path, why in bad.items():
+        print(f"[cache] {path} is damaged ({why}): its samples are encoded again")
+    if bad:
+        names = {p.name for p in bad}
+        for man in sorted(Path(cache).glob("manifest*.json")):
+            part = read_json_file(man)
+            if names & set(part.get("shards", {})):
+                part["shards"] = {k: v for k, v in part["shards"].items() if k not in names}
+                write_json(man, part)
+        for path in bad:
+            path.unlink(missing_ok=True)
+    return len(bad)
 
 
 def build_cache(m, data_dir, samples, resolution, max_text_len, shard_size=256, batch=8):
@@ -1009,6 +1207,9 @@ def build_cache(m, data_dir, samples, resolution, max_text_len, shard_size=256, 
 
     cache = Path(data_dir) / "cache"
     cache.mkdir(parents=True, exist_ok=True)
+    if rank() == 0:
+        drop_damaged_shards(cache)  # a shard cut short is rebuilt, not trusted because a manifest lists it
+    barrier()
     fp = cache_fingerprint(m, resolution, max_text_len)
     fp_tag = content_hash_of_text(json.dumps(fp, sort_keys=True))
     part_path = cache / f"manifest-r{rank()}.json"
@@ -1034,7 +1235,10 @@ def build_cache(m, data_dir, samples, resolution, max_text_len, shard_size=256, 
                     size = ref_size(*im.size, area, m.vae_factor * 2)
                     tensors[f"{s['id']}/ref{k}"] = encode_images(m, pil_to_tensor([im], size))[0]
         # the fingerprint's hash in the name: another model's or size's shards never overwrite these
-        name = f"shard-{fp_tag}-r{rank()}-{len(part['shards']):05d}.safetensors"
+        k = len(part["shards"])
+        while f"shard-{fp_tag}-r{rank()}-{k:05d}.safetensors" in part["shards"]:  # after a dropped shard
+            k += 1
+        name = f"shard-{fp_tag}-r{rank()}-{k:05d}.safetensors"
         with atomic_path(cache / name) as tmp:
             save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp))
         part["shards"][name] = [s["id"] for s in chunk]
@@ -1155,6 +1359,7 @@ def save_lora(transformer, folder, name="default", settings=None, record=None):
                                           transformer_lora_adapter_metadata=meta)
     # `record` (open_run's) says which run made it: its knobs, inputs and code version.
     (tmp / "config.json").write_text(json.dumps({"settings": settings or {}, **(record or {})}, indent=1, default=str))
+    normalize_modes(tmp)
     replace_dir(tmp, folder)
 
 
@@ -1193,13 +1398,12 @@ MODEL_SETTINGS = ("model", "pe", "guidance", "resolution", "max_text_len")
 def read_record(folder):
     """The config.json of a run or LoRA folder ({} when there is none)."""
     path = Path(folder) / "config.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    return read_json_file(path) if path.is_file() else {}
 
 
 def lora_settings(folder):
     """The settings saved beside a LoRA by save_lora ({} for a LoRA from elsewhere)."""
-    path = Path(folder) / "config.json"
-    return json.loads(path.read_text()).get("settings", {}) if path.exists() else {}
+    return read_record(folder).get("settings", {})
 
 
 def adopt_lora_settings(cfg, folders, stage):
@@ -1207,6 +1411,7 @@ def adopt_lora_settings(cfg, folders, stage):
     `cfg`; one the user set explicitly to another value is refused, naming both."""
     known = {f.name for f in dataclasses.fields(cfg)}
     for folder in folders:
+        check_lora(folder, stage)  # before any model loads
         for key, value in lora_settings(folder).items():
             if key not in known or key not in MODEL_SETTINGS:
                 continue
@@ -1223,15 +1428,69 @@ def adopt_lora_settings(cfg, folders, stage):
     return cfg
 
 
+def previous_checkpoint(path):
+    """checkpoint.pt -> checkpoint.prev.pt: the one before, kept in case the latest is damaged."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
 def save_checkpoint(path, transformer, opt, step, name="default"):
+    """Writes the checkpoint to a temp file, flushes it to the disk, then renames it over `path`; the
+    checkpoint it replaces is kept as checkpoint.prev.pt (a hard link: no copy), so the last two are
+    on disk and `path` itself is never absent."""
+    path = Path(path)
     state = {"lora": lora_state(transformer, name), "opt": opt.state_dict(), "step": step,
              "rng": torch.get_rng_state()}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
+        fsync_path(tmp)  # the bytes are on the disk before the rename makes them the checkpoint
+        if path.exists():
+            prev = previous_checkpoint(path)
+            link = prev.with_name(f".{prev.name}.link.tmp")
+            link.unlink(missing_ok=True)
+            try:
+                os.link(path, link)
+            except OSError:  # a file system without hard links
+                shutil.copyfile(path, link)
+            os.replace(link, prev)
+    fsync_path(path.parent)
+
+
+def read_checkpoint(path):
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    missing = [k for k in ("lora", "opt", "step", "rng") if k not in state]
+    if missing:
+        raise ValueError(f"no {missing} in it")
+    return state
 
 
 def load_checkpoint(path, transformer, opt, name="default"):
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    """Restores the LoRA, optimizer and RNG of `path`; a damaged one (a torn copy, a bad disk) falls
+    back to checkpoint.prev.pt with a warning, and is moved aside to <name>.damaged."""
+    path = Path(path)
+    prev = previous_checkpoint(path)
+    try:
+        state = read_checkpoint(path)
+    except Exception as e:
+        why = f"{type(e).__name__}: {str(e)[:200]}"
+        if not prev.exists():
+            raise SystemExit(f"{path} is damaged ({why}) and there is no earlier checkpoint ({prev.name}): "
+                             f"delete {path} to start this run over")
+        try:
+            state = read_checkpoint(prev)
+        except Exception as e2:
+            raise SystemExit(f"{path} is damaged ({why}) and so is {prev} ({type(e2).__name__}: {str(e2)[:200]}): "
+                             f"delete both to start this run over")
+        if rank() == 0:
+            print(f"[resume] WARNING: {path} is damaged ({why}); falling back to {prev} (step {state['step']}). "
+                  f"The damaged file is kept as {path.name}.damaged (delete it when you like).")
+            os.replace(path, path.with_name(path.name + ".damaged"))
+            with atomic_path(path) as tmp:  # the fallback becomes the latest: the next save keeps it as prev
+                tmp.unlink()
+                try:
+                    os.link(prev, tmp)
+                except OSError:  # a file system without hard links
+                    shutil.copyfile(prev, tmp)
     set_lora_state(transformer, state["lora"], name)
     opt.load_state_dict(state["opt"])
     torch.set_rng_state(state["rng"])
