@@ -291,11 +291,15 @@ def generate_all(cfg, bench, folder, out, loras, device):
     m = load_model(cfg, loras, device)
     made = 0
     for subset, i, item in tqdm(mine, desc="generate", disable=rank() != 0):
-        refs = [common.open_image(folder, p, f"{subset}/{i}") for p in item["input_path"]]
-        if cfg.stitch_refs:
-            refs = [stitch(refs)]
-        image = sft.generate(m, [item["instruction"]], [refs], cfg.resolution, cfg.resolution, cfg.steps,
-                             cfg.guidance, cfg.seed + i, cfg.pe, cfg.max_text_len)[0]
+        try:
+            refs = [common.open_image(folder, p, f"{subset}[{i}]") for p in item["input_path"]]
+            if cfg.stitch_refs:
+                refs = [stitch(refs)]
+            image = sft.generate(m, [item["instruction"]], [refs], cfg.resolution, cfg.resolution, cfg.steps,
+                                 cfg.guidance, cfg.seed + i, cfg.pe, cfg.max_text_len)[0]
+        except Exception as e:  # the item is listed as failed when scored (no image); the others go on
+            print(f"[bench] {subset}[{i}] cannot be generated ({type(e).__name__}: {e}): listed as failed")
+            continue
         save_png(result_path(cfg, out, subset, i, item), image)
         made += 1
         common.maybe_die("bench", made)
@@ -309,9 +313,11 @@ def score_item(mix, folder, image_path, subset, index, item):
     """One item's row: both columns of every dimension. Official None: the item leaves that mean."""
     import rewards
 
+    refs = [common.open_image(folder, p, f"{subset}[{index}]") for p in item["input_path"]]  # a missing one is named
+    if not Path(image_path).exists():
+        raise FileNotFoundError(f"no image at {image_path}")
     with Image.open(image_path) as im:
         image = im.convert("RGB")
-    refs = [common.open_image(folder, p, f"{subset}[{index}]") for p in item["input_path"]]
     cats = categories_of(item)
     psr = rewards.psr_reward([image], [refs], [cats], mix.detector, mix.embed, ("official", "strict"))
     row = {"subject_consistency": psr["official"]["score"][0], "subject_consistency_strict": psr["strict"]["score"][0]}
@@ -337,20 +343,44 @@ def score_all(cfg, bench, folder, out, device):
     mix = rewards.build_reward_mix(cfg, device, common.model_dtype(device))
     items = [(s, i, it) for s in bench for i, it in enumerate(bench[s])]
     jsons = results_jsons(cfg.results) if cfg.results else None
-    rows = []
+    kept = scored_before(out)
+    rows, reused, scored = [], 0, 0
     for subset, i, item in tqdm(items[rank():: world()], desc="score", disable=rank() != 0):
         path = result_path(cfg, out, subset, i, item, jsons)
+        key = (subset, i, common.content_hash(path))  # None when there is no image
+        if key in kept:  # scored by an earlier, interrupted run: these very pixels
+            rows.append(kept[key])
+            reused += 1
+            continue
         try:
-            if not path.exists():
-                raise FileNotFoundError(f"no image at {path}")
-            rows.append({"subset": subset, "index": i, **score_item(mix, folder, path, subset, i, item)})
+            row = {"subset": subset, "index": i, **score_item(mix, folder, path, subset, i, item)}
         except Exception as e:  # listed with its reason, never silently left out of a mean
             rows.append({"subset": subset, "index": i, "failed": f"{type(e).__name__}: {e}"})
+            continue
+        rows.append(row)
+        common.append_jsonl(out / f"item_scores-r{rank()}.jsonl", {**row, "image_sha256": key[2]})
+        scored += 1
+        common.maybe_die("bench-score", scored)
+    if reused:
+        print(f"[bench] rank {rank()}: {reused} items' scores kept from an earlier run, {scored} scored now")
     if world() > 1:
         gathered = [None] * world()
         torch.distributed.all_gather_object(gathered, rows)
         rows = [r for part in gathered for r in part]
     return sorted(rows, key=lambda r: (SUBSETS.index(r["subset"]), r["index"]))
+
+
+def scored_before(out):
+    """{(subset, index, image hash): row} from out/item_scores-r*.jsonl, where scoring appends each
+    item as it is scored: a resumed run scores only what is missing (or whose image changed). Failed
+    items are not kept: a rerun tries them again."""
+    kept = {}
+    for path in sorted(Path(out).glob("item_scores-r*.jsonl")):
+        for row in common.read_jsonl(path):
+            row = dict(row)
+            sha = row.pop("image_sha256", None)
+            kept[(row["subset"], row["index"], sha)] = row
+    return kept
 
 
 def summarize(rows, subsets):
@@ -454,13 +484,22 @@ def radar(models, size=360):
     return sheet
 
 
+def image_or_placeholder(path):
+    """The image, or magenta where it is missing or broken (the failure is listed in report.md)."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception:
+        return Image.new("RGB", (64, 64), (255, 0, 255))
+
+
 def contact_sheet(cfg, bench, folder, out, per_subset=2):
     rows = []
     jsons = results_jsons(cfg.results) if cfg.results else None
     for s in bench:
         for i, item in enumerate(bench[s][:per_subset]):
             path = result_path(cfg, out, s, i, item, jsons)
-            refs = [common.open_image(folder, p, f"{s}/{i}") for p in item["input_path"]]
+            refs = [image_or_placeholder(folder / p) for p in item["input_path"]]
             try:
                 with Image.open(path) as im:
                     result = im.convert("RGB")
@@ -507,7 +546,7 @@ def compare_sheet(score_files, per_subset=2):
         if not (folder / f"{subset}.json").exists():
             continue
         for i, item in enumerate(json.loads((folder / f"{subset}.json").read_text())[:per_subset]):
-            refs = [common.open_image(folder, p, f"{subset}/{i}") for p in item["input_path"]]
+            refs = [image_or_placeholder(folder / p) for p in item["input_path"]]
             outs = []
             for sc in scores:
                 path = Path(sc["images"]) / subset / f"{i}.png"
@@ -532,7 +571,15 @@ def model_settings(cfg, loras):
 
 def compare_rows(paths):
     """(name, scores) per scores.json, named by the model name it records; a name used twice gets its folder."""
-    scores = [json.loads(Path(p).read_text()) for p in paths]
+    scores = []
+    for p in paths:
+        if not Path(p).exists():
+            raise SystemExit(f"[bench] --compare: {p} does not exist")
+        scores.append(common.read_json_file(p))
+    for p, sc in zip(paths, scores):
+        if not sc.get("overall", {}).get("n"):  # a run that scored nothing is no model's result
+            raise SystemExit(f"[bench] --compare: {p} scored no item ({sc.get('overall', {}).get('failed', '?')} "
+                             f"failed; see report.md beside it): it is not a model row. Fix the inputs and rerun it.")
     names = [sc.get("name") or Path(p).parent.name for p, sc in zip(paths, scores)]
     names = [n if names.count(n) == 1 else f"{n} ({Path(p).parent})" for n, p in zip(names, paths)]
     return list(zip(names, scores))
@@ -970,6 +1017,10 @@ def main(cfg):
         print(f"[bench] report: {out / 'report.md'}  radar: {out / 'radar.png'}  "
               f"contact sheet: {out / 'contact_sheet.png'}  scores: {out / 'scores.json'}")
     barrier()
+    if not any("failed" not in r for r in rows):  # every rank holds every row: all stop alike
+        first = rows[0]["failed"] if rows else "no items"
+        raise SystemExit(f"[bench] no item could be scored ({len(rows)} failed; the first: {first}); "
+                         f"{out / 'report.md'} lists every reason. --compare refuses this run.")
     return out
 
 

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from common import load_named, parse_config, print_config, resize_plan, write_json
+from common import append_jsonl, load_named, parse_config, print_config, resize_plan, write_json
 from tiny import tiny_path
 
 
@@ -851,10 +851,12 @@ def open_rgb(path):
         return im.convert("RGB")
 
 
-def score_items(mix, base, items):
-    """Scores what can be read; an unreadable item is listed with its reason, never silently dropped."""
+def score_items(mix, base, items, indices=None):
+    """Scores items[i] for i in `indices` (default all) in one call of the mix; an unreadable item
+    is listed with its reason, never silently dropped."""
     ok, failed, loaded = [], [], []
-    for i, it in enumerate(items):
+    for i in range(len(items)) if indices is None else indices:
+        it = items[i]
         try:
             loaded.append((open_rgb(base / it["image"]), [open_rgb(base / r) for r in it["refs"]]))
             ok.append(i)
@@ -956,6 +958,15 @@ def run_benchmark(cfg, device, repeats=5):
     return speedups
 
 
+def check_out(out):
+    """--out must be a file we can write (an atomic rename in its folder)."""
+    from common import ensure_writable
+
+    if out.is_dir():
+        raise SystemExit(f"[rewards] --out {out} is a folder; give the JSON file to write, e.g. {out / 'scores.json'}")
+    ensure_writable(out.parent, "rewards")
+
+
 def main(cfg):
     from common import setup_dist
 
@@ -966,9 +977,19 @@ def main(cfg):
         raise SystemExit("give --images ITEMS.json (or a folder with items.json), or --benchmark")
     path, items = load_items(cfg.images)
     out = Path(cfg.out or path.with_suffix(".scores.json"))
+    check_out(out)  # before any model loads: a --out that cannot be written would lose every score
     print_config(cfg, "rewards", out)
     mix = build_reward_mix(cfg, device)
-    rows, failed = score_items(mix, path.parent, items)
+    # Rows are appended as each batch is scored, so a crash or a kill keeps what was scored so far.
+    rows_path = out.with_name(out.name + ".rows.jsonl")
+    rows_path.unlink(missing_ok=True)
+    rows, failed = [], []
+    for b0 in range(0, len(items), cfg.reward_batch):
+        got, bad = score_items(mix, path.parent, items, range(b0, min(b0 + cfg.reward_batch, len(items))))
+        for row in got + bad:
+            append_jsonl(rows_path, row)
+        rows, failed = rows + got, failed + bad
+        print(f"[rewards] {len(rows) + len(failed)} of {len(items)} items done; rows so far in {rows_path}")
     write_json(out, {"items": rows, "failed": failed})
     print(f"{'#':>4} {'reward':>8} {'psr':>7} {'judge':>6} {'hps':>7}  image")
     for r in rows:

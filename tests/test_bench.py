@@ -488,3 +488,62 @@ def test_one_reference_with_our_loras_matches_flux_kontext_pipeline(tmp_path, ti
 
     diff = np.abs(ours - np.asarray(theirs).astype(int))
     assert diff.max() <= 1 and diff.mean() < 0.01
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 29: a bench that skips what it cannot score, says so, and resumes its scoring.
+
+def test_missing_reference_image_is_listed_while_the_other_items_are_scored(tmp_path, psrbench, tiny_dir):
+    # before: one missing reference image aborted the whole benchmark after the model had loaded
+    folder = tmp_path / "psrbench"
+    shutil.copytree(psrbench, folder)
+    item = json.loads((folder / "Attribute.json").read_text())[0]
+    (folder / item["input_path"][0]).unlink()
+    out = run(tmp_path, tiny_dir, "--psrbench", str(folder), "--out", str(tmp_path / "b"), "--subsets",
+              "Attribute,Position")
+    scores = json.loads((out / "scores.json").read_text())
+    att = scores["subsets"]["Attribute"]
+    assert att["n"] == 1 and [f["index"] for f in att["failed"]] == [0]
+    assert f"{folder / item['input_path'][0]} is missing" in att["failed"][0]["reason"]
+    assert scores["subsets"]["Position"]["n"] == 2 and scores["subsets"]["Position"]["failed"] == []
+    rows = {(r["subset"], r["index"]): r for r in json.loads((out / "items.json").read_text())}
+    for d in bench.STRICT:  # the failed item counts 0 in the strict columns, the official ones leave it out
+        assert att[d] == pytest.approx(rows[("Attribute", 1)][d] / 2)
+    assert att["subject_consistency"] == pytest.approx(rows[("Attribute", 1)]["subject_consistency"])
+    assert "Failed items" in (out / "report.md").read_text() and (out / "contact_sheet.png").exists()
+
+
+def test_nothing_scored_exits_non_zero_and_compare_refuses_it(tmp_path, psrbench, tiny_dir):
+    # before: exit 0 and SC strict 0.000, which --compare then showed as a real model row
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit, match=r"no item could be scored \(2 failed; the first: FileNotFoundError: no image"):
+        run(tmp_path, tiny_dir, "--psrbench", str(psrbench), "--results", str(empty), "--out", str(tmp_path / "b"),
+            "--subsets", "Attribute")
+    assert "Failed items" in (tmp_path / "b" / "report.md").read_text()
+    with pytest.raises(SystemExit, match=r"--compare: .*b/scores.json scored no item \(2 failed"):
+        bench.main(common.parse_config(bench.Config, "bench", ["--compare", str(tmp_path / "b" / "scores.json"),
+                                                               "--out", str(tmp_path / "cmp")]))
+
+
+def test_scores_are_kept_per_item_and_a_resumed_run_scores_only_what_is_missing(tmp_path, psrbench, tiny_dir):
+    # before: a kill during scoring started the scoring over
+    import subprocess
+    import sys
+    gen = run(tmp_path, tiny_dir, "--psrbench", str(psrbench), "--out", str(tmp_path / "gen"),
+              "--subsets", "Attribute,Three")
+    cmd = [sys.executable, str(bench.__file__), "--preset", "tiny", "--tiny_dir", tiny_dir, "--lora", "none",
+           "--psrbench", str(psrbench), "--results", str(gen / "images"), "--out", str(tmp_path / "b"),
+           "--subsets", "Attribute,Three"]
+    import os
+    killed = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PSR_DIE_AT": "bench-score:3"})
+    assert killed.returncode != 0 and not (tmp_path / "b" / "scores.json").exists()
+    assert len(common.read_jsonl(tmp_path / "b" / "item_scores-r0.jsonl")) == 3
+    resumed = subprocess.run(cmd, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "3 items' scores kept from an earlier run, 1 scored now" in resumed.stdout
+    straight = run(tmp_path, tiny_dir, "--psrbench", str(psrbench), "--results", str(gen / "images"),
+                   "--out", str(tmp_path / "c"), "--subsets", "Attribute,Three")
+    assert (tmp_path / "b" / "items.json").read_text() == (straight / "items.json").read_text()
+    a, b = (json.loads((p / "scores.json").read_text()) for p in (tmp_path / "b", straight))
+    assert a["subsets"] == b["subsets"] and a["overall"] == b["overall"]

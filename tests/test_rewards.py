@@ -1,5 +1,6 @@
 import http.server
 import json
+import os
 import threading
 
 import pytest
@@ -429,3 +430,38 @@ def test_mix_counts_unparsed_judge_answers(detector, embed):
     images, refs, cats, instr = rewards.benchmark_batch(2, 64)
     res = rewards.RewardMix(detector, embed, Judge(), None)(images, refs, cats, instr)
     assert res["judge"] == [7.0, 0.0] and res["judge_unparsed"] == 1
+
+
+def test_cli_checks_out_first_and_writes_scores_as_it_goes(tmp_path, tiny_dir, monkeypatch):
+    # before: scores were written only at the end, and an unwritable --out lost all of them
+    images, refs, cats, instr = rewards.benchmark_batch(3, 64)
+    items = []
+    for i, (im, rs, c, t) in enumerate(zip(images, refs, cats, instr)):
+        im.save(tmp_path / f"g{i}.png")
+        for k, r in enumerate(rs):
+            r.save(tmp_path / f"r{i}_{k}.png")
+        items.append({"image": f"g{i}.png", "refs": [f"r{i}_{k}.png" for k in range(2)], "categories": c,
+                      "instruction": t})
+    (tmp_path / "items.json").write_text(json.dumps(items))
+    args = ["--preset", "tiny", "--images", str(tmp_path), "--tiny_dir", tiny_dir, "--reward_batch", "2"]
+
+    def boom(*a, **k):
+        raise AssertionError("the reward models were loaded before --out was checked")
+    monkeypatch.setattr(rewards, "build_reward_mix", boom)
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(SystemExit, match="--out .*adir is a folder"):
+        rewards.main(common.parse_config(rewards.Config, "rewards", args + ["--out", str(tmp_path / "adir")]))
+    with pytest.raises(SystemExit, match="cannot write to .*items.json"):  # its folder would be a file
+        rewards.main(common.parse_config(rewards.Config, "rewards", args + ["--out", str(tmp_path / "items.json" / "s.json")]))
+    monkeypatch.undo()
+    # rows are appended batch by batch: a failure at the final write keeps them
+    real_write = rewards.write_json
+
+    def full_disk(path, obj):
+        raise OSError(28, "No space left on device", str(path))
+    monkeypatch.setattr(rewards, "write_json", full_disk)
+    with pytest.raises(OSError):
+        rewards.main(common.parse_config(rewards.Config, "rewards", args))
+    rows = common.read_jsonl(tmp_path / "items.scores.json.rows.jsonl")
+    assert [r["index"] for r in rows] == [0, 1, 2] and all("reward" in r for r in rows)
+    monkeypatch.setattr(rewards, "write_json", real_write)
