@@ -416,3 +416,102 @@ def test_resume_on_two_then_three_ranks_makes_each_id_once(tmp_path, tiny_dir):
     assert len(ids) == len(set(ids)) == 4 and set(first) <= set(ids)
     assert all((out / "targets" / f"{sid}.png").stat().st_mtime_ns == t for sid, t in first.items())  # not made again
     assert json.loads((out / "manifest.json").read_text())["made_this_run"] == 4 - len(first)
+
+
+# ---------------------------------------------------------------------------------------------
+# The leak check on phrasings it was not built from (issue 32). Each case is a whole sample as
+# make_data sees it: the scene prompt, each subject's own prompt, the categories, the edit's text,
+# and the instruction the VLM wrote. `leak` says whether the instruction tells how a subject looks
+# beyond its category. The rule the cases follow: a word that described a subject in the scene or
+# in its own prompt may not appear anywhere in the instruction outside the edit's text; a colour,
+# material or texture tied to a subject in the instruction is a leak even when no prompt had it;
+# the same words describing the setting (room, furniture, light) are clean.
+# BLIND_CASES were written before reading check_instruction's branches or the old LEAK_TABLE
+# (commit "tests: blind leak cases" holds them alone).
+BA = ("A golden retriever with a red collar and a fluffy ginger cat sitting together on a blue sofa "
+      "in a bright living room with pastel walls.",
+      ["A golden retriever with a red collar running across a green meadow.",
+       "A fluffy ginger cat curled up on a wooden windowsill in soft morning light."],
+      ["dog", "cat"])
+BB = ("A woman in a yellow raincoat walking a small black dog along a rainy city street with red "
+      "brick buildings.",
+      ["A woman in a yellow raincoat with long curly hair standing in a quiet library.",
+       "A small black dog with floppy ears sitting on a green lawn."],
+      ["person", "dog"])
+BC = ("A carved oak chair, a brass lamp with a pleated shade and a tall ceramic vase with blue glaze "
+      "in a minimalist white gallery.",
+      ["A carved oak chair on a sunlit terrace.",
+       "A brass lamp with a pleated shade on a dark wooden desk.",
+       "A tall ceramic vase with blue glaze on a marble countertop."],
+      ["chair", "lamp", "vase"])
+BLIND_CASES = [
+    # scenario, instruction, edit text, leak
+    (BA, "The golden dog and the cat sit on a bench in a park.", "", True),
+    (BA, "The dog, a golden retriever, plays with the cat in a garden.", "", True),
+    (BA, "The cat, whose fur is ginger, watches the dog from a porch.", "", True),
+    (BA, "Place the dog (a golden retriever) next to the cat on a beach.", "", True),
+    (BA, "The cat's fur is ginger; the dog lies beside it in the snow.", "", True),
+    (BA, "The dog and the cat rest in a meadow. Both animals are fluffy and golden.", "", True),
+    (BA, "The dog, wearing a red collar, runs toward the cat in a park.", "", True),
+    (BA, "The dog chases the cat through a garden. The cat is ginger.", "", True),
+    (BA, "A ginger cat and a dog sit under a tree.", "", True),
+    (BA, "The dog with its red collar sits beside the cat on a beach.", "", True),
+    (BA, "The dog that has golden fur lies next to the cat in a kitchen.", "", True),
+    (BA, "Show the cat, which is fluffy, sleeping beside the dog in a library.", "", True),
+    (BA, "The dog sits to the left of the cat in a snowy forest; its coat is golden.", "", True),
+    (BA, "The cat \u2014 ginger and fluffy \u2014 sits next to the dog on a rug.", "", True),
+    (BA, "The retriever sits next to the cat in a park.", "", True),
+    # a look word of a subject stays a leak wherever it stands, even describing the light
+    (BA, "The dog and the cat rest in golden afternoon light on a porch.", "", True),
+    (BA, "The dog, a white poodle, sits next to the cat in a park.", "", True),
+    (BA, "The cat has black stripes and sits beside the dog on a rug.", "", True),
+    (BA, "The dog and the cat sit on a rug. Both animals are fluffy and brown.", "", True),
+    (BA, "The dog and the cat sit together in a green meadow.", "", False),
+    (BA, "The dog sits to the left of the cat in a small wooden cabin.", "", False),
+    (BA, "The dog and the cat sit in a room with pastel walls.", "", False),
+    (BA, "The dog jumps over the cat in a bright living room.", "", False),
+    (BA, "The cat is above the dog on a blue sofa.", "", False),
+    (BA, "Make the dog wear a green scarf while the cat watches from the sofa.",
+     "The dog wears a green scarf.", False),
+    (BA, "The dog's paw rests on the cat's back in a sunny garden.", "", False),
+    (BA, "The dog and the cat play in a garden. Both animals look happy.", "", False),
+    (BA, "The dog, lying in a sunny garden, watches the cat.", "", False),
+    (BA, "The cat, which sits on a blue sofa, watches the dog.", "", False),
+    (BA, "The dog jumps over the cat in a meadow.", "The dog jumps over the cat.", False),
+    (BA, "The dog sits on the left and the cat on the right. The room has pastel walls and a blue sofa.",
+     "", False),
+    (BB, "The person, dressed in a yellow raincoat, walks the dog across a bridge.", "", True),
+    (BB, "The person wearing a raincoat holds the dog's leash in a park.", "", True),
+    (BB, "The person walks the dog in a park. The dog is small and black.", "", True),
+    (BB, "The person with curly hair kneels beside the dog on a beach.", "", True),
+    (BB, "The dog's ears are floppy; it sits next to the person in a kitchen.", "", True),
+    (BB, "The person (in a yellow coat) stands to the right of the dog.", "", True),
+    (BB, "The black dog sits at the person's feet in a cafe.", "", True),
+    (BB, "The person stands behind the dog, whose coat is black, in a snowy field.", "", True),
+    (BB, "The person and the dog sit in a red armchair by the fireplace.", "", False),
+    (BB, "The person walks the dog along a street lined with red brick buildings.", "", False),
+    (BB, "The dog lies on a green lawn while the person reads a book.", "", False),
+    (BB, "The person and the dog rest in golden afternoon light on a porch.", "", False),
+    (BB, "The person holds an umbrella over the dog in the rain.", "", False),
+    (BB, "The dog sits to the left of the person in a quiet library.", "", False),
+    (BB, "Have the person wear a blue hat while the dog sits beside them in a park.",
+     "The person wears a blue hat.", False),
+    (BB, "The person, wearing a blue hat, stands next to the dog.", "The person wears a blue hat.", False),
+    (BB, "The person sits next to the dog on a white bench in a snowy park.", "", False),
+    (BB, "The person (on the left) and the dog (on the right) stand in a green meadow.", "", False),
+    (BB, "The person's hands hold the dog in a bright kitchen.", "", False),
+    (BC, "The chair, made of oak, stands to the left of the lamp and the vase in a garden.", "", True),
+    (BC, "The lamp's shade is pleated; it stands between the chair and the vase.", "", True),
+    (BC, "Place the vase on the chair and the lamp beside them. The vase is ceramic.", "", True),
+    (BC, "The ceramic vase sits on the chair next to the lamp.", "", True),
+    (BC, "The lamp, which is brass, stands behind the chair and the vase.", "", True),
+    (BC, "The vase (blue) stands on the chair near the lamp in a loft.", "", True),
+    # "blue" described the vase in its own prompt, so it is a leak even on the curtains
+    (BC, "The lamp lights the vase while the chair stands behind them in a library with blue curtains.",
+     "", True),
+    (BC, "The chair, the lamp and the vase stand in a minimalist white gallery.", "", False),
+    (BC, "The vase stands on a marble countertop beside the lamp and the chair.", "", False),
+    (BC, "The lamp sits on a dark wooden desk to the right of the chair, with the vase on top.", "", False),
+    (BC, "The chair, the lamp and the vase are arranged in a row on a sunlit terrace.", "", False),
+    (BC, "The vase, placed on a white shelf, stands beside the lamp and the chair.", "", False),
+]
