@@ -72,6 +72,7 @@ class Config:
     endpoint_backoff: float = 1.0  # seconds before the first retry, doubled each time
     vlm: str = "template"         # template | a local Qwen2.5-VL (folder or hub id) | http(s)://host/v1
     vlm_model: str = ""
+    leak_question: bool = True    # ask a real VLM whether each instruction describes a subject's look (a "yes" drops it)
     t2i: str = "black-forest-labs/FLUX.1-dev"
     detector: str = "IDEA-Research/grounding-dino-tiny"
     dino: str = "facebook/dino-vits16"
@@ -363,11 +364,23 @@ class TextModel:
 
 # ----------------------------------------------------------------------------------------------
 # The leak check (paper: instructions name subjects by category only, so appearance must come from
-# the references). Ours: a small parser that finds the words bound to each subject mention, before
-# the noun ("the fluffy striped cat") and after it ("a dog with a shaggy red coat", "the cat is
-# ginger"). Appearance words are what the scene and reference prompts bind to a subject, plus a
-# lexicon of colours, materials, patterns, sizes and breeds (a VLM may invent a colour the prompt
-# never had). Relations, verbs and other subjects' names are never appearance.
+# the references). Ours, in two layers.
+# Lexical layer: a small parser finds the words bound to each subject: before its noun ("the fluffy
+# striped cat"), and in a describing phrase after it: "with / wearing / dressed in / made of ...",
+# "is / are / looks ...", an appositive (", a golden retriever,"), a relative clause (", whose fur
+# is ginger", "that has golden fur"), parentheses, dashes, a possessive ("the cat's fur is ginger",
+# "its coat is golden"), and later sentences about the subjects ("Both animals are fluffy."). A
+# prompt's looks are the words it binds to a subject; a subject's own (reference) prompt also
+# binds its opening noun phrase, which may name the subject by a narrower word ("A golden retriever
+# with a red collar running ..." for the category dog).
+# The instruction leaks when (a) a look word of a subject's own prompt, or a breed, stands anywhere
+# in it, or (b) a lexicon word (colour, material, pattern, size, texture, clothing) or a look word of
+# the scene prompt is bound to a subject. A colour of the setting ("in a green meadow", "a room with
+# pastel walls") is no leak unless a subject's own prompt gave that word to the subject. Words of the
+# edit itself are allowed. Only words before a subject's noun can be cut out safely ("rewritten");
+# any other leak drops the instruction ("appearance_leak").
+# Second layer, for a real VLM: the VLM is asked the yes/no LEAK_QUESTION; a "yes" drops the sample
+# ("vlm_says_appearance"), a reply that is neither drops it as "vlm_leak_unparseable".
 
 COLOURS = set("red orange yellow green blue purple violet pink brown black white gray grey golden gold silver beige tan "
               "ginger cream ivory maroon navy teal turquoise crimson scarlet amber bronze copper khaki olive lavender "
@@ -375,33 +388,45 @@ COLOURS = set("red orange yellow green blue purple violet pink brown black white
               "blond blonde".split())
 MATERIALS = set("wooden wood metal metallic steel iron plastic glass leather ceramic porcelain stone marble brass chrome "
                 "rubber paper cardboard fabric wool woolen woollen knitted cotton silk velvet denim plush wicker "
-                "bamboo crystal".split())
+                "bamboo crystal oak pine walnut".split())
 PATTERNS = set("striped stripes spotted spots dotted polka checkered checked plaid tartan floral patterned tabby "
                "speckled camouflage paisley".split())
 SIZES = set("small tiny little large big huge giant miniature tall short long thin slim fat chubby".split())
 TEXTURES_LOOKS = set("fluffy shaggy fuzzy furry hairy curly shiny glossy matte sparkly glittery rusty dusty muddy old "
-                     "vintage antique retro worn shabby polished elegant ornate fancy cute".split())
+                     "vintage antique retro worn shabby polished elegant ornate fancy cute floppy pleated carved".split())
 BREEDS = set("labrador poodle beagle bulldog dachshund husky corgi terrier retriever siamese persian calico "
-             "shepherd collie pug dalmatian chihuahua".split())
+             "shepherd collie pug dalmatian chihuahua spaniel schnauzer maine".split())
 LEXICON = COLOURS | MATERIALS | PATTERNS | SIZES | TEXTURES_LOOKS | BREEDS
 CLOTHING = set("sweater coat jacket hat scarf dress shirt costume uniform collar boots raincoat hoodie vest cap "
                "bow tie sunglasses glasses".split())
 DETERMINERS = set("a an the this that these those its his her their our my your some two three four one".split())
 # after the noun, these open a phrase that describes the subject
-HAS = set("with wearing wears wear dressed covered made having has sporting painted".split())
-IS = set("is are looks look appears seems".split())
-# words that end a phrase bound to a subject (a relation, a clause, a preposition of place)
+HAS = set("with wearing wears wear dressed covered made having has have sporting painted clad".split())
+IS = set("is are was were looks look appears appear seems seem".split())
+RELATIVE = set("whose which that who".split())
+# words standing for subjects in a sentence of their own ("Both animals are fluffy", "its coat is gold")
+SUBJECT_WORDS = set("it they both animals pets objects items subjects things".split())
+POSSESSIVE_PRONOUNS = set("its their his her".split())
+# words that end a phrase bound to a subject (a relation, a clause, a preposition of place, a verb)
 BOUNDARY = set("and or but next beside besides near by left right above below behind front under over on at in into "
                "onto to from between while who that which where as than like facing toward towards against "
                "together alone sits sit sitting stands stand standing lies lie lying rests resting placed "
                "put show make give place let keep".split())
 STOP = DETERMINERS | BOUNDARY | set("of for very also both each other same photo picture image scene".split())
+# verbs that end a describing phrase too ("the dog with a ball chases a red kite"); not stop words,
+# since an action edit's verb must show up in its instruction
+SPAN_END = BOUNDARY | set("across along through around beneath inside outside runs run plays play chases chase "
+                          "watches watch holds hold jumps jump walks walk sleeps sleep waits wait kneels kneel rest "
+                          "looking".split())
+PUNCT_END = set(".,;:!?)")
+DASHES = {"\u2014", "\u2013", "-"}
 
 
 def tokens(text):
-    """(word, start, end) for each word and each punctuation mark, lowercased."""
+    """(word, start, end) for each word and each punctuation mark, lowercased; "cat's" stays one word."""
     import re
 
+    text = text.replace("\u2019", "'")
     return [(m.group(0).lower(), m.start(), m.end()) for m in re.finditer(r"[A-Za-z]+(?:[-'][A-Za-z]+)*|[^\sA-Za-z]", text)]
 
 
@@ -409,10 +434,19 @@ def is_word(w):
     return w[0].isalpha()
 
 
+def possessive(w):
+    """'cat's' -> 'cat', "cats'" -> 'cats', else None."""
+    return w[:-2] if w.endswith("'s") else w[:-1] if w.endswith("s'") else None
+
+
+def base(w):
+    return possessive(w) or w
+
+
 def mentions(toks, cat):
-    """Token spans (first, last) where category `cat` occurs as whole words (plural allowed)."""
+    """Token spans (first, last) where category `cat` occurs as whole words (plural and possessive allowed)."""
     parts = cat.lower().split()
-    words = [t[0] for t in toks]
+    words = [base(t[0]) for t in toks]
     out = []
     for i in range(len(words) - len(parts) + 1):
         *head, last = parts
@@ -421,48 +455,126 @@ def mentions(toks, cat):
     return out
 
 
+def category_words(cats):
+    return {w for c in cats for p in c.lower().split() for w in (p, p + "s", p + "es")}
+
+
+def phrase(words, j, cat_words, clothing_only=False):
+    """Word indices of the describing phrase starting at j (after its trigger), up to the first
+    boundary, punctuation or verb; "and" goes on only into another look word ("fluffy and brown").
+    A phrase that reaches another subject ("with the steel knife") was that subject's: empty.
+    clothing_only (after "in"): the phrase counts only if it names clothing ("in a red sweater",
+    not "in a green meadow")."""
+    out = []
+    while j < len(words) and is_word(words[j]):
+        w, prev = words[j], words[j - 1]
+        nxt = words[j + 1] if j + 1 < len(words) else ""
+        if base(w) in cat_words:
+            return []
+        if w in DETERMINERS or w in ("of", "very") or (w == "in" and prev in ("dressed", "covered", "clad")) \
+                or (w in HAS and not clothing_only):
+            j += 1
+            continue
+        if w == "and" and nxt in LEXICON:
+            j += 1
+            continue
+        if w in SPAN_END or (w.endswith("ing") and w not in HAS):
+            break
+        out.append(j)
+        j += 1
+    if clothing_only and not any(words[k] in CLOTHING for k in out):
+        return []
+    return out
+
+
+def enclosed(words, j, close, cat_words):
+    """Word indices from j up to the closing mark (parentheses, dashes) or the end of the sentence."""
+    out = []
+    while j < len(words) and words[j] not in (close, ".", "!", "?"):
+        if is_word(words[j]) and base(words[j]) not in cat_words:
+            out.append(j)
+        j += 1
+    return out
+
+
+def after(words, j, cat_words):
+    """The describing words after a subject word that ends at token j-1 (see the section's comment)."""
+    if j >= len(words):
+        return []
+    w = words[j]
+    nxt = words[j + 1] if j + 1 < len(words) else ""
+    if w == "(":
+        return enclosed(words, j + 1, ")", cat_words)
+    if w in DASHES and not (nxt in cat_words):
+        return enclosed(words, j + 1, w, cat_words)
+    if w == ",":
+        if nxt in ("a", "an"):  # an appositive, up to the next comma
+            return [k for k in enclosed(words, j + 2, ",", cat_words) if words[k] not in STOP]
+        if nxt in RELATIVE or nxt in HAS:
+            return after(words, j + 1, cat_words)
+        return []
+    if w == "whose":  # ", whose fur is ginger": the noun, then its predicate
+        k = j + 1
+        while k < len(words) and is_word(words[k]) and words[k] not in IS:
+            k += 1
+        return list(range(j + 1, k)) + (phrase(words, k + 1, cat_words) if k < len(words) and words[k] in IS else [])
+    if w in ("which", "that", "who"):
+        return after(words, j + 1, cat_words) if nxt in IS or nxt in HAS else []
+    if w in IS or w in HAS:
+        return phrase(words, j + 1, cat_words)
+    if w == "in":
+        return phrase(words, j + 1, cat_words, clothing_only=True)
+    return []
+
+
 def bound_words(text, cats):
-    """For each subject mention: (token indices of the words before the noun, words after it in a
-    describing phrase, the trigger word of that phrase). Category words themselves are never bound."""
+    """For each subject word: (category or the word, token indices before the noun, token indices of
+    the describing words after it). Subject words are the category mentions (a possessive binds its
+    possessed noun phrase: "the cat's ginger fur is soft"), and words that stand for subjects in a
+    sentence of their own ("it", "both animals", "its coat is golden")."""
     toks = tokens(text)
     words = [t[0] for t in toks]
-    cat_words = {w for c in cats for p in c.lower().split() for w in (p, p + "s", p + "es")}
+    cat_words = category_words(cats)
     found = []
-    for c in cats:
-        for first, last in mentions(toks, c):
-            pre, j = [], first - 1
-            while j >= 0 and len(pre) < 4 and is_word(words[j]) and words[j] not in STOP and words[j] not in cat_words \
-                    and not words[j].endswith("ing"):
+    anchors = [(c, first, last) for c in cats for first, last in mentions(toks, c)]
+    anchors += [(w, j, j) for j, w in enumerate(words) if w in SUBJECT_WORDS or w in POSSESSIVE_PRONOUNS]
+    for c, first, last in anchors:
+        pre, j = [], first - 1
+        if c in cats:  # adjectives before a category noun
+            while j >= 0 and len(pre) < 4 and is_word(words[j]) and words[j] not in STOP \
+                    and base(words[j]) not in cat_words and not words[j].endswith("ing") and not possessive(words[j]):
                 pre.append(j)
                 j -= 1
-            post, trigger, j = [], None, last + 1
-            if j < len(words) and (words[j] in HAS or words[j] in IS or words[j] == "in"):
-                trigger, j = words[j], j + 1
-                while j < len(words) and is_word(words[j]):
-                    w = words[j]
-                    nxt = words[j + 1] if j + 1 < len(words) else ""
-                    if w == "of" and words[j - 1] == "made" or w in DETERMINERS:
-                        j += 1
-                        continue
-                    if w == "and" and nxt in LEXICON:  # "black and white fur"
-                        j += 1
-                        continue
-                    if w in cat_words:  # "with the steel knife": those words were another subject's
-                        post = []
-                    if w in BOUNDARY or w in cat_words or w.endswith("ing") or w == "of":
-                        break
-                    post.append(j)
-                    j += 1
-            found.append((c, pre, post, trigger))
+        post, j = [], last + 1
+        if possessive(words[last]) is not None or words[last] in POSSESSIVE_PRONOUNS:
+            # the possessed noun phrase ("the cat's ginger fur"), then what is said of it
+            while j < len(words) and is_word(words[j]) and words[j] not in STOP and words[j] not in IS \
+                    and words[j] not in HAS and base(words[j]) not in cat_words:
+                post.append(j)
+                j += 1
+        post += after(words, j, cat_words)
+        found.append((c, pre, post))
     return toks, found
 
 
-def describing(word, trigger):
-    """Is `word`, after trigger `trigger`, part of the subject's look? ("with a red collar": yes; "in
-    a park": no, though "in a red sweater" is)."""
-    if trigger in HAS:
-        return True
-    return word in LEXICON or (trigger == "in" and word in CLOTHING)
+def opening_phrase(text, cats):
+    """The words of a subject prompt's opening noun phrase and its describing phrase: "A golden
+    retriever with a red collar running across a meadow" -> golden, retriever, red, collar."""
+    toks = tokens(text)
+    words = [t[0] for t in toks]
+    cat_words = category_words(cats)
+    j = 0
+    while j < len(words) and (words[j] in DETERMINERS or words[j] in ("photo", "picture", "image", "of", "close-up")
+                              or not is_word(words[j])):
+        j += 1
+    out = []
+    while j < len(words) and is_word(words[j]) and words[j] not in STOP and words[j] not in HAS \
+            and not words[j].endswith("ing") and base(words[j]) not in cat_words:
+        out.append(j)
+        j += 1
+    if j < len(words) and base(words[j]) in cat_words:
+        return set()  # the category itself: bound_words reads this prompt
+    return {words[k] for k in out + after(words, j, cat_words)} - STOP - HAS - IS
 
 
 def appearance_words(texts, cats):
@@ -471,10 +583,17 @@ def appearance_words(texts, cats):
     found = set()
     for text in texts:
         toks, bound = bound_words(text, cats)
-        for _, pre, post, trigger in bound:
-            found |= {toks[j][0] for j in pre}
-            found |= {toks[j][0] for j in post if describing(toks[j][0], trigger)}
+        words = {toks[j][0] for _, pre, post in bound for j in pre + post}
+        found |= {w for w in words if w not in STOP and w not in IS and w not in HAS}
     return found
+
+
+def own_looks(subject_prompts, cats):
+    """The look words that the subjects' own (reference) prompts give them: rejected anywhere."""
+    found = appearance_words(subject_prompts, cats)
+    for p in subject_prompts:
+        found |= {w for w in opening_phrase(p, cats) if w not in STOP}
+    return found - category_words(cats)
 
 
 def content_words(text, cats=()):
@@ -501,31 +620,68 @@ def remove_tokens(text, toks, idx):
     return re.sub(r"\b([Aa]) ([aeiouAEIOU])", r"\1n \2", text)
 
 
-def check_instruction(instruction, cats, appearance, edit_text=""):
-    """(instruction or None, verdict). Appearance words (from the prompts or the lexicon) bound to a
-    subject before its noun are removed ("rewritten"); one in a phrase after the noun cannot be cut
-    out safely, so the instruction drops ("appearance_leak"). Every subject must be named as a whole
-    word, and an edited sample's instruction must state its edit; words of the edit itself are allowed."""
+def leaking(instruction, cats, appearance, own, allowed):
+    """(token indices cut out safely: looks before a subject's noun, token indices that cannot be cut)."""
+    cat_words = category_words(cats)
+    everywhere = (set(own) | BREEDS) - allowed - cat_words
+    bound_bad = (set(appearance) | set(own) | LEXICON | CLOTHING) - allowed - cat_words
+    toks, bound = bound_words(instruction, cats)
+
+    def parts(j):  # "grey-furred" is grey as well
+        w = base(toks[j][0])
+        return {w, *w.split("-")}
+
+    pre = {j for _, p, _ in bound for j in p if parts(j) & bound_bad}
+    post = {j for _, _, q in bound for j in q if parts(j) & bound_bad}
+    anywhere = {j for j in range(len(toks)) if parts(j) & everywhere}
+    return toks, pre, (post | anywhere) - pre
+
+
+def check_instruction(instruction, cats, appearance, edit_text="", own=()):
+    """(instruction or None, verdict): the lexical layer (see the section's comment). `appearance`:
+    look words of the scene and reference prompts (appearance_words), rejected where the instruction
+    binds them to a subject; `own`: look words of the subjects' own prompts (own_looks), rejected
+    anywhere. Looks before a subject's noun are removed ("rewritten"); any other leak drops
+    ("appearance_leak"). Every subject must be named as a whole word, and an edited sample's
+    instruction must state its edit; words of the edit itself are allowed."""
     if not instruction or not instruction.strip():
         return None, "instruction_empty"
     instruction = instruction.strip().strip('"').strip()
     allowed = content_words(edit_text, cats) if edit_text else set()
-    bad = (set(appearance) | LEXICON) - allowed
-    toks, bound = bound_words(instruction, cats)
-    pre = {j for _, p, _, _ in bound for j in p if toks[j][0] in bad}
-    post = {j for _, _, q, trig in bound for j in q if toks[j][0] in bad and describing(toks[j][0], trig)}
-    if post:
+    toks, pre, rest = leaking(instruction, cats, appearance, own, allowed)
+    if rest:
         return None, "appearance_leak"
     if pre:
         instruction = remove_tokens(instruction, toks, pre)
-        toks, bound = bound_words(instruction, cats)
-        if any(toks[j][0] in bad for _, p, _, _ in bound for j in p):
+        _, pre2, rest2 = leaking(instruction, cats, appearance, own, allowed)
+        if pre2 or rest2:
             return None, "appearance_leak"
     if any(not mentions(tokens(instruction), c) for c in cats):
         return None, "instruction_missing_subject"
     if edit_text and not (content_words(edit_text, cats) - EDIT_VERBS) & content_words(instruction, cats):
         return None, "instruction_missing_edit"
     return instruction, "rewritten" if pre else "ok"
+
+
+LEAK_QUESTION = (
+    "Subjects: {cats}. Instruction: \"{instruction}\"\nApart from naming each subject by its category, does this "
+    "instruction describe how any of these subjects looks (colour, material, pattern, size, breed, clothing, "
+    "texture, or any other visual detail of the subject itself)? The setting, the light, positions and actions "
+    "do not count.{edit} Answer with one word: yes or no.")
+LEAK_QUESTION_EDIT = " The requested edit \"{edit}\" is allowed to be described."
+
+
+def leak_question(instruction, cats, edit_text=""):
+    return LEAK_QUESTION.format(cats=", ".join(cats), instruction=instruction,
+                                edit=LEAK_QUESTION_EDIT.format(edit=edit_text) if edit_text else "")
+
+
+def parse_yes_no(reply):
+    """True for yes, False for no, None for anything else (the first word decides)."""
+    import re
+
+    m = re.match(r"\W*(yes|no)\b", (reply or "").strip().lower())
+    return None if not m else m.group(1) == "yes"
 
 
 def relation_of(a, b):
@@ -895,10 +1051,13 @@ def phase_instruction(cfg, out, ids, state, stats, device):
         s = state[i]
         return INSTRUCTION_REQUEST.format(cats=", ".join(s["cats"]), focus=focus_for(s["task"], s["edit"]))
 
+    def edit_text(i):
+        return editor_instruction(state[i]["edit"]) if state[i]["edit"] else ""
+
     def judge(i, reply):
         s = state[i]
         looks = appearance_words([s["scene"]] + s["subject_prompts"], s["cats"])
-        return check_instruction(reply, s["cats"], looks, editor_instruction(s["edit"]) if s["edit"] else "")
+        return check_instruction(reply, s["cats"], looks, edit_text(i), own=own_looks(s["subject_prompts"], s["cats"]))
 
     def template(i):
         s = state[i]
@@ -912,17 +1071,28 @@ def phase_instruction(cfg, out, ids, state, stats, device):
         return value, why
 
     result = ask_until_ok(cfg, vlm, ids, request, judged, template, "vlm", stats, image=target)
+    # the second layer: the VLM itself is asked whether the instruction describes a subject's look
+    # (a template VLM writes no looks; the lexical layer alone judges it)
+    passed = [i for i in ids if i in result and verdicts[i] in ("ok", "rewritten")]
+    answers = {}
+    if cfg.leak_question and vlm.spec != "template":
+        answers = ask_until_ok(cfg, vlm, passed, lambda i: leak_question(result[i], state[i]["cats"], edit_text(i)),
+                               lambda i, r: (parse_yes_no(r), "vlm_leak_unparseable"), None, "vlm_leak", stats,
+                               image=target)
     shard_file = Path(out) / f"samples.rank{rank():03d}.jsonl"
     for i in ids:
-        if i not in result:
+        if i not in result or (answers and i in passed and i not in answers):
             continue  # endpoint down: deferred
         s = state[i]
         if verdicts[i] not in ("ok", "rewritten"):
             drop(out, i, "instruction", result[i], stats)
             continue
+        if isinstance(answers.get(i), str) or answers.get(i) is True:
+            drop(out, i, "instruction", "vlm_says_appearance" if answers[i] is True else answers[i], stats)
+            continue
         meta = {"source": "models", "scene_prompt": s["scene"], "subject_prompts": s["subject_prompts"],
                 "boxes": [[round(v, 1) for v in b] for b in s["boxes"]], "dino": s["dino"], "edit": s["edit"],
-                "instruction_check": verdicts[i]}
+                "instruction_check": verdicts[i], "vlm_leak_answer": {True: "yes", False: "no"}.get(answers.get(i))}
         refs = [open_rgb(ref_path(out, i, k)) for k in range(len(s["cats"]))]
         write_sample(out, sample_id(cfg, s["task"], i), s["task"], result[i], [{"category": c} for c in s["cats"]],
                      target(i), refs, meta, shard_file)

@@ -243,6 +243,8 @@ class FakeChat(http.server.BaseHTTPRequestHandler):
             return
         if type(self).garbage:
             reply = "I cannot help with JSON today."
+        elif "Answer with one word: yes or no" in text:  # make_data's second leak layer
+            reply = type(self).leak_answer
         elif has_image:
             cats = re.search(r"This image shows: (.*?)\. Write", text).group(1).split(", ")
             edit = re.search(r'this edit: "(.*?)"', text)
@@ -268,7 +270,7 @@ class FakeChat(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def fake_chat():
-    FakeChat.log, FakeChat.fail_first, FakeChat.garbage = [], 0, False
+    FakeChat.log, FakeChat.fail_first, FakeChat.garbage, FakeChat.leak_answer = [], 0, False, "No."
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeChat)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_port}/v1"
@@ -295,8 +297,25 @@ def test_endpoints_write_the_prompts_edits_and_instructions(tmp_path, tiny_dir, 
             assert "knitted scarf" in s["instruction"]
         if s["task"] == "complex":
             assert s["meta"]["edit"]["background"] == "a rainy harbour" and "rainy harbour" in s["instruction"]
-    vlm_calls = [r for r in FakeChat.log if r["image"]]
+    vlm_calls = [r for r in FakeChat.log if r["image"] and "This image shows" in r["text"]]
     assert len(vlm_calls) == 3 and all("velvet" not in s["instruction"] for s in samples)
+    # the second layer asked about each kept instruction, and its "no" is recorded
+    questions = [r["text"] for r in FakeChat.log if "Answer with one word: yes or no" in r["text"]]
+    assert sorted(questions) == sorted(make_data.leak_question(
+        s["instruction"], [x["category"] for x in s["subjects"]],
+        make_data.editor_instruction(s["meta"]["edit"]) if s["meta"]["edit"] else "") for s in samples)
+    assert all(s["meta"]["vlm_leak_answer"] == "no" for s in samples)
+
+
+@pytest.mark.parametrize("answer,reason", [("Yes, it says the cat is orange.", "vlm_says_appearance"),
+                                           ("It depends.", "vlm_leak_unparseable")])
+def test_vlm_leak_question_drops_with_its_own_reason(tmp_path, tiny_dir, fake_chat, answer, reason):
+    FakeChat.leak_answer = answer
+    out = tmp_path / "q"
+    with pytest.raises(SystemExit, match="no sample survived"):
+        make_data.main(models_cfg(tiny_dir, out, "--n_samples", "2", "--max_draws", "1", "--cache", "false",
+                                  *endpoint_args(fake_chat, fake_chat)))
+    assert json.loads((out / "manifest.json").read_text())["dropped"] == {reason: 2}
 
 
 def test_endpoint_down_defers_ids_and_garbage_drops(tmp_path, tiny_dir, fake_chat):
@@ -515,3 +534,92 @@ BLIND_CASES = [
     (BC, "The chair, the lamp and the vase are arranged in a row on a sunlit terrace.", "", False),
     (BC, "The vase, placed on a white shelf, stands beside the lamp and the chair.", "", False),
 ]
+# AFTER_CASES were written after reading the parser (aimed at its weak points: curly apostrophes,
+# hyphenated looks, capitals, multi-word categories, four subjects, edits that name looks).
+BD = ("A brown dachshund and a grey tabby cat on a porch.",
+      ["A brown dachshund digging in a garden.", "A grey tabby cat sleeping on a bookshelf."],
+      ["dog", "cat"])
+BE = ("A crystal wine glass and a plush pink stuffed toy on a shelf.",
+      ["A crystal wine glass on a picnic blanket.", "A plush pink stuffed toy on a bed."],
+      ["wine glass", "stuffed toy"])
+BF = ("A girl with red braids, a white horse, a spotted dog and a rusty bicycle in a field.",
+      ["A girl with red braids reading in a cafe.", "A white horse galloping on a beach.",
+       "A spotted dog lying on a porch.", "A rusty bicycle leaning against a brick wall."],
+      ["person", "horse", "dog", "bicycle"])
+RED_TIE, PURPLE = "Give the cat a red bow tie.", "Paint the dog bright purple."
+AFTER_CASES = [
+    (BD, "Place the dog (a brown dachshund) beside the cat on a porch.", "", True),
+    (BD, "Show the dog in a green meadow next to the cat.", "", False),
+    (BD, "The dog and the cat nap in a small wooden cabin.", "", False),
+    (BD, "The cat sits in a red armchair and the dog lies at its feet.", "", False),
+    (BD, "The dog and the cat sleep in a room with pastel walls.", "", False),
+    (BD, "The cat looks grey next to the dog.", "", True),
+    (BD, "The dog, who is brown, naps beside the cat.", "", True),
+    (BD, "The dog and the cat curl up together; they are both grey.", "", True),
+    (BD, "The dog sits with the cat by a blue lake.", "", False),
+    (BD, "The cat\u2019s tabby stripes show as it sits beside the dog.", "", True),
+    (BD, "THE DOG AND THE CAT SIT ON A BROWN RUG.", "", True),  # the dog's own look, on the rug
+    (BD, "The dog is wearing a knitted sweater next to the cat.", "", True),
+    (BD, "The dog chases a red ball past the cat.", "", False),
+    (BD, "The dog with a ball chases the cat across a yellow field.", "", False),
+    (BD, "The grey-furred cat naps beside the dog.", "", True),
+    (BD, "The dog wears a scarf and sits by the cat.", "", True),
+    (BD, "Give the cat a red bow tie and seat it next to the dog on a sofa.", RED_TIE, False),
+    (BD, "The cat, wearing a red bow tie, sits next to the brown dog.", RED_TIE, True),
+    (BD, "Paint the dog bright purple and place it beside the cat.", PURPLE, False),
+    (BD, "The dog, now bright purple, sits beside the cat.", PURPLE, False),
+    (BE, "Put the wine glass in front of the stuffed toy on a white table.", "", False),
+    (BE, "Put the wine glass next to the pink stuffed toy.", "", True),
+    (BE, "The stuffed toy, which is plush and pink, sits beside the wine glass.", "", True),
+    (BE, "The wine glass stands on a picnic blanket beside the stuffed toy.", "", False),
+    (BE, "The stuffed toy sits behind the wine glass in soft pink light.", "", True),
+    (BE, "The wine glass's rim catches the light beside the stuffed toy.", "", False),
+    (BF, "The person rides the horse while the dog runs beside the bicycle in a field.", "", False),
+    (BF, "The person with red braids rides the horse next to the dog and the bicycle.", "", True),
+    (BF, "The horse, a white mare, stands near the person, the dog and the bicycle.", "", True),
+    (BF, "The person leans the bicycle against a brick wall while the horse and the dog watch.", "", False),
+    (BF, "The person, the horse, the dog and the bicycle are in a sunny field. The bicycle is rusty.", "", True),
+    (BF, "The dog, spotted all over, lies between the horse and the bicycle near the person.", "", True),
+    (BF, "The horse gallops past the person, the dog and the bicycle on a beach at sunset.", "", False),
+    (BF, "Show the person reading in a cafe with the horse, the dog and the bicycle outside.", "", False),
+    (BF, "The person stands to the left of the horse, the dog lies under the bicycle, all on green grass.", "",
+     False),
+    (BF, "The horse is white and the dog sits near the person and the bicycle.", "", True),
+    (BF, "The person's red braids swing as the horse trots past the dog and the bicycle.", "", True),
+    (BA, "The cat sits on the dog's back in a sunny meadow.", "", False),
+    (BB, "The dog sits beside the person in a yellow-walled kitchen.", "", True),  # the person's own look
+    (BC, "The vase holds fresh flowers beside the lamp and the chair in a sunlit room.", "", False),
+    (BC, "The lamp stands tall between the chair and the vase.", "", True),  # the vase's own look
+    (BA, "The dog and the cat share a blanket by a crackling fire; the light is warm and golden.", "", True),
+    (BA, "The dog watches the cat from under a blue table.", "", False),
+]
+
+
+def check_case(scenario, instruction, edit):
+    scene, prompts, cats = scenario
+    looks = make_data.appearance_words([scene] + prompts, cats)
+    return make_data.check_instruction(instruction, cats, looks, edit, own=make_data.own_looks(prompts, cats))
+
+
+@pytest.mark.parametrize("scenario,instruction,edit,leak", BLIND_CASES + AFTER_CASES)
+def test_leak_check_on_new_phrasings(scenario, instruction, edit, leak):
+    text, verdict = check_case(scenario, instruction, edit)
+    if not leak:
+        assert (text, verdict) == (instruction, "ok")
+    elif verdict == "rewritten":  # a look before the noun was cut out: what is left passes as clean
+        assert text != instruction and check_case(scenario, text, edit) == (text, "ok")
+    else:
+        assert (text, verdict) == (None, "appearance_leak")
+
+
+def test_new_leak_table_is_large_and_half_blind():
+    assert len(BLIND_CASES) + len(AFTER_CASES) >= 60 and len(BLIND_CASES) * 2 >= len(BLIND_CASES) + len(AFTER_CASES)
+    for table in (BLIND_CASES, AFTER_CASES):
+        assert sum(leak for *_, leak in table) >= 10 and sum(not leak for *_, leak in table) >= 10
+
+
+def test_own_looks_read_a_narrower_noun_and_its_phrase():
+    assert make_data.own_looks(BA[1], BA[2]) == {"golden", "retriever", "red", "collar", "fluffy", "ginger"}
+    # the setting of a subject's prompt ("wooden windowsill", "green meadow") is not its look
+    assert make_data.own_looks(BC[1], BC[2]) == {"carved", "oak", "brass", "pleated", "shade", "tall", "ceramic",
+                                                 "blue", "glaze"}
