@@ -80,6 +80,7 @@ class Config:
     text_threshold: float = 0.25
     exact_once: bool = True       # drop a scene where a category is found more than once (or never), after NMS
     nms_iou: float = 0.5          # boxes of one category overlapping more than this are one object
+    max_pair_iou: float = 0.7     # boxes of two categories overlapping more than this are one object: drop
     min_box_frac: float = 0.02    # smallest box area as a fraction of the image
     min_dino: float = 0.5         # smallest DINO similarity of a reference to its crop
     gen_steps: int = 28
@@ -140,8 +141,17 @@ def load_categories(path):
     if not p.exists():
         raise SystemExit(f"category pool {p} not found")
     lines = [ln.split("#")[0].strip() for ln in p.read_text().splitlines() if not ln.startswith("#")]
-    # Objects365 writes alternatives as "Cabinet/shelf": the detector gets the first, lowercased
-    return sorted({n.split("/")[0].strip().lower() for n in lines if n})
+    return sorted({category_name(n) for n in lines if n})
+
+
+def category_name(name):
+    """The detector's text for an Objects365 name: alternatives ("Cabinet/shelf") give the first,
+    lowercased; a first alternative that lacks the head noun the second has ("Cutting/chopping
+    Board") takes it from there: "cutting board", not "cutting"."""
+    first, *rest = [part.strip() for part in name.lower().split("/")]
+    if rest and len(rest[0].split()) > len(first.split()):
+        first = " ".join([first] + rest[0].split()[len(first.split()):])
+    return first
 
 
 def draw_seed(seed, index, purpose):
@@ -727,8 +737,21 @@ def nms(found, threshold=0.5):
     return kept
 
 
-def filter_boxes(det, cats, size, exact_once, min_box_frac, nms_iou=0.5):
-    """One box per category, or the drop reason."""
+def clip_box(box, size):
+    """make_data's crop: the whole pixels covering the box, clipped to the image; None when nothing of
+    it is inside. (rewards.crop_box keeps the authors' numpy slicing for the benchmark's official
+    mode, where a box starting 1 px left of the image counts from the far edge and the crop falls
+    back to the whole scene; that scene must never become one subject's reference.)"""
+    w, h = size
+    x1, y1 = max(0, math.floor(box[0])), max(0, math.floor(box[1]))
+    x2, y2 = min(w, math.ceil(box[2])), min(h, math.ceil(box[3]))
+    return (x1, y1, x2, y2) if x2 > x1 and y2 > y1 else None
+
+
+def filter_boxes(det, cats, size, exact_once, min_box_frac, nms_iou=0.5, max_pair_iou=1.0):
+    """One box per category (clipped to the image), or the drop reason: "crop_empty" for a box with
+    nothing inside the image, "boxes_overlap" for two categories whose boxes overlap by more than
+    max_pair_iou (two names found on one object: "car" and "suv", or a detector that cannot tell)."""
     boxes = []
     for c in cats:
         found = nms(det.get(c, []), nms_iou)
@@ -736,10 +759,14 @@ def filter_boxes(det, cats, size, exact_once, min_box_frac, nms_iou=0.5):
             return None, "not_found"
         if exact_once and len(found) > 1:
             return None, "found_multiple"
-        box = found[0][0]
+        box = clip_box(found[0][0], size)
+        if box is None:
+            return None, "crop_empty"
         if (box[2] - box[0]) * (box[3] - box[1]) < min_box_frac * size[0] * size[1]:
             return None, "box_too_small"
         boxes.append([float(v) for v in box])
+    if any(iou(a, b) > max_pair_iou for k, a in enumerate(boxes) for b in boxes[k + 1:]):
+        return None, "boxes_overlap"
     return boxes, "ok"
 
 
@@ -943,7 +970,8 @@ def detect_and_filter(cfg, detector, paths, cats_of):
     for chunk in chunks(list(zip(paths, cats_of)), cfg.detect_batch):
         ims = [open_rgb(p) for p, _ in chunk]
         for im, (_, cats), det in zip(ims, chunk, detector(ims, [c for _, c in chunk])):
-            out.append(filter_boxes(det, cats, im.size, cfg.exact_once, cfg.min_box_frac, cfg.nms_iou))
+            out.append(filter_boxes(det, cats, im.size, cfg.exact_once, cfg.min_box_frac, cfg.nms_iou,
+                                    cfg.max_pair_iou))
     return out
 
 
@@ -965,17 +993,17 @@ def phase_detect(cfg, out, ids, rows, stats, device):
 
 
 def crop_of(scene, box):
-    from rewards import crop
-
-    return crop(scene, box)
+    """The subject's crop (clip_box); filter_boxes dropped every box that leaves nothing."""
+    b = clip_box(box, scene.size)
+    if b is None:
+        raise ValueError(f"box {box} lies outside the {scene.size} image")
+    return scene.crop(b)
 
 
 def crop_dims(box, size):
-    """The size crop_of gives for `box` in an image of `size`, without the image (the same crop_box)."""
-    from rewards import crop_box
-
-    b = crop_box(box, size)
-    return (b[2] - b[0], b[3] - b[1]) if b is not None else tuple(size)
+    """The size crop_of gives for `box` in an image of `size`, without the image."""
+    b = clip_box(box, size)
+    return b[2] - b[0], b[3] - b[1]
 
 
 def phase_reference(cfg, out, ids, rows, boxes, kontext, stats, device):
