@@ -91,6 +91,7 @@ class Config:
     text_batch: int = 8           # prompts per local LLM/VLM generate call
     round_size: int = 256         # ids per rank per round (every phase runs over a round before the next)
     max_draws: float = 3.0        # give up after n_samples * max_draws ids (a pipeline that drops everything stops)
+    keep_models: str = "auto"     # keep each phase's model loaded across rounds: yes | no | auto (yes until GPU memory runs out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,10 +138,10 @@ def merge_rank_files(out):
 # It runs in phases, one model family on the GPU at a time (see make_models at the end).
 
 def load_categories(path):
-    p = Path(path) if Path(path).is_absolute() else ROOT / path
-    if not p.exists():
-        raise SystemExit(f"category pool {p} not found")
-    lines = [ln.split("#")[0].strip() for ln in p.read_text().splitlines() if not ln.startswith("#")]
+    text, why = read_category_file(path)
+    if why:
+        raise SystemExit(f"[make_data] {why}")
+    lines = [ln.split("#")[0].strip() for ln in text.splitlines() if not ln.startswith("#")]
     return sorted({category_name(n) for n in lines if n})
 
 
@@ -1241,6 +1242,126 @@ def make_models(cfg, out, device):
 
 
 # ----------------------------------------------------------------------------------------------
+# Every knob and path checked before any model loads or anything is written: each failure is one
+# line naming the knob or the file (a missing --detector used to fail after a whole round of T2I).
+
+MODEL_FILES = {"model": ("model_index.json",), "t2i": ("model_index.json",),
+               "detector": ("config.json", "detector.json"), "dino": ("config.json",),
+               "llm": ("config.json",), "vlm": ("config.json",)}
+
+
+def looks_like_path(name):
+    return name.startswith(("/", ".", "~")) or os.sep + os.sep in name or name.count("/") > 1
+
+
+def model_problem(knob, name):
+    """Why model `name` given to --knob cannot load (None when it can): a local folder must exist and
+    hold its config; a hub id must have the form owner/name, and be in the local hub cache when
+    HF_HUB_OFFLINE is set (else it is downloaded at load time)."""
+    if name == "tiny":
+        return None
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            return f"--{knob} {name}: not a folder"
+        if not any((path / f).exists() for f in MODEL_FILES[knob]):
+            return f"--{knob} {name}: the folder has no {' or '.join(MODEL_FILES[knob])}"
+        return None
+    import re
+
+    if looks_like_path(name) or not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        return f"--{knob} {name}: no such folder (and not a hub id owner/name)"
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        from huggingface_hub import try_to_load_from_cache
+
+        if not any(isinstance(try_to_load_from_cache(name, f), str) for f in MODEL_FILES[knob]):
+            return f"--{knob} {name}: not a local folder, and not in the hub cache (HF_HUB_OFFLINE is set)"
+    return None
+
+
+def text_model_problem(knob, spec):
+    if spec == "template" or spec.startswith(("http://", "https://")):
+        from urllib.parse import urlparse
+
+        return None if spec == "template" or urlparse(spec).netloc else f"--{knob} {spec}: a URL without a host"
+    return model_problem(knob, spec)
+
+
+def read_category_file(path):
+    """The lines of the category pool, or (None, the one-line reason)."""
+    p = Path(path) if Path(path).is_absolute() else ROOT / path
+    if not p.is_file():
+        return None, f"--categories {p}: no such file"
+    try:
+        return p.read_bytes().decode("utf-8"), None
+    except UnicodeDecodeError:
+        return None, f"--categories {p}: not UTF-8 text (one category name a line)"
+
+
+def config_problems(cfg):
+    """One line per bad knob or path; empty when all is well."""
+    bad = []
+
+    def need(ok, line):
+        if not ok:
+            bad.append(line)
+
+    finite = lambda x: isinstance(x, (int, float)) and math.isfinite(x)  # noqa: E731
+    need(cfg.n_samples >= 1, f"--n_samples {cfg.n_samples}: must be at least 1")
+    need(cfg.resolution >= 16 and cfg.resolution % 16 == 0,
+         f"--resolution {cfg.resolution}: must be a positive multiple of 16 (VAE 8x, then 2x2 packing)")
+    mix = tuple(cfg.task_mix)
+    if len(mix) != len(TASKS):
+        bad.append(f"--task_mix {','.join(map(str, mix))}: {len(mix)} weights given, {len(TASKS)} needed "
+                   f"(one per task: {', '.join(TASKS)})")
+    else:
+        need(all(finite(w) and w >= 0 for w in mix) and sum(mix) > 0,
+             f"--task_mix {','.join(map(str, mix))}: weights must be finite, >= 0, not all 0")
+    need(cfg.seed >= 0, f"--seed {cfg.seed}: must be >= 0")
+    need(cfg.id_offset >= 0, f"--id_offset {cfg.id_offset}: must be >= 0")
+    need(cfg.max_text_len >= 1, f"--max_text_len {cfg.max_text_len}: must be at least 1")
+    need(cfg.preview >= 0, f"--preview {cfg.preview}: must be >= 0")
+    import re
+
+    need(re.fullmatch(r"|cpu|mps|cuda(:\d+)?", cfg.device) is not None,
+         f"--device {cfg.device!r}: one of cpu, cuda, cuda:N, mps (empty: cuda when there is one)")
+    if cfg.cache or cfg.source == "models":
+        bad.append(model_problem("model", cfg.model))
+    if cfg.source == "models":
+        text, why = read_category_file(cfg.categories)
+        if why:
+            bad.append(why)
+        else:
+            names = {category_name(ln.split("#")[0].strip()) for ln in text.splitlines()
+                     if ln.split("#")[0].strip() and not ln.startswith("#")}
+            most = max((n for t, n in zip(TASKS, (2, 2, 2, 2, 2, 3, 4)) if len(mix) == len(TASKS)
+                        and mix[TASKS.index(t)] > 0), default=2)
+            need(len(names) >= most, f"--categories {cfg.categories}: {len(names)} distinct categories; "
+                                     f"the task mix draws up to {most} per sample")
+        bad += [text_model_problem("llm", cfg.llm), text_model_problem("vlm", cfg.vlm)]
+        bad += [model_problem(k, getattr(cfg, k)) for k in ("t2i", "detector", "dino")]
+        for knob in ("box_threshold", "text_threshold", "nms_iou", "max_pair_iou", "min_box_frac"):
+            v = getattr(cfg, knob)
+            need(finite(v) and 0 <= v <= 1, f"--{knob} {v}: must be between 0 and 1")
+        need(finite(cfg.min_dino), f"--min_dino {cfg.min_dino}: must be a number")
+        for knob in ("gen_steps", "gen_batch", "detect_batch", "text_batch", "round_size", "llm_retries",
+                     "endpoint_retries"):
+            need(getattr(cfg, knob) >= 1, f"--{knob} {getattr(cfg, knob)}: must be at least 1")
+        for knob in ("t2i_guidance", "edit_guidance", "endpoint_backoff"):
+            v = getattr(cfg, knob)
+            need(finite(v) and v >= 0, f"--{knob} {v}: must be >= 0")
+        need(finite(cfg.max_draws) and cfg.max_draws >= 1, f"--max_draws {cfg.max_draws}: must be at least 1")
+        need(cfg.keep_models in ("auto", "yes", "no"), f"--keep_models {cfg.keep_models}: one of auto, yes, no")
+    return [b for b in bad if b]
+
+
+def check_config(cfg):
+    bad = config_problems(cfg)
+    if bad:
+        raise SystemExit("[make_data] bad input:\n" + "\n".join(bad))
+
+
+# ----------------------------------------------------------------------------------------------
 # A drawn source (named by the preset): no model, each sample drawn from (seed, index).
 
 def make_drawn(cfg, out, draw):
@@ -1295,6 +1416,7 @@ def models_manifest(stats, samples, out):
 
 def main(cfg):
     draw = None if cfg.source == "models" else load_named(cfg.source, "--source")  # a bad name stops here
+    check_config(cfg)  # before any model loads or any file is written
     device = setup_dist(cfg.device)
     out = data_dir(cfg) if not cfg.out else Path(cfg.out)
     print_config(cfg, "make_data", out)

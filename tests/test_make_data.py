@@ -696,3 +696,43 @@ def test_edge_crops_and_overlaps_are_drop_reasons_in_the_manifest(tmp_path, tiny
         for k, sub in enumerate(s["subjects"]):
             with Image.open(out / sub["ref"]) as im:
                 assert im.size == make_data.ref_input_size(*make_data.crop_dims(s["meta"]["boxes"][k], (64, 64)), 64)
+
+
+# the bad-input table: (knobs on top of the tiny-models preset, the one line expected). {tmp} is a
+# scratch folder holding empty.txt (no names), binary.txt (not text) and empty/ (a folder, no config).
+BAD_INPUT = [
+    (["--t2i", "/nope/flux-dev"], "--t2i /nope/flux-dev: no such folder (and not a hub id owner/name)"),
+    (["--detector", "/nope/gdino"], "--detector /nope/gdino: no such folder (and not a hub id owner/name)"),
+    (["--preset", "tiny", "--model", "/nope/kontext"], "--model /nope/kontext: no such folder (and not a hub id owner/name)"),
+    (["--categories", "{tmp}/empty.txt"], "--categories {tmp}/empty.txt: 0 distinct categories; the task mix draws "
+                                          "up to 4 per sample"),
+    (["--categories", "{tmp}/binary.txt"], "--categories {tmp}/binary.txt: not UTF-8 text (one category name a line)"),
+    (["--categories", "{tmp}/missing.txt"], "--categories {tmp}/missing.txt: no such file"),
+    (["--task_mix", "1,1,1"], "--task_mix 1.0,1.0,1.0: 3 weights given, 7 needed (one per task: attribute, action, "
+                              "background, position, complex, three, four)"),
+    (["--task_mix", "0,0,0,0,0,0,0"], "--task_mix 0.0,0.0,0.0,0.0,0.0,0.0,0.0: weights must be finite, >= 0, not all 0"),
+    (["--n_samples", "0"], "--n_samples 0: must be at least 1"),
+    (["--resolution", "100"], "--resolution 100: must be a positive multiple of 16 (VAE 8x, then 2x2 packing)"),
+    (["--dino", "{tmp}/empty"], "--dino {tmp}/empty: the folder has no config.json"),
+    (["--vlm", "http://"], "--vlm http://: a URL without a host"),
+    (["--llm", "my llm"], "--llm my llm: no such folder (and not a hub id owner/name)"),
+    (["--max_pair_iou", "1.5"], "--max_pair_iou 1.5: must be between 0 and 1"),
+    (["--gen_batch", "0"], "--gen_batch 0: must be at least 1"),
+    (["--max_draws", "0.5"], "--max_draws 0.5: must be at least 1"),
+    (["--device", "gpu"], "--device 'gpu': one of cpu, cuda, cuda:N, mps (empty: cuda when there is one)"),
+    (["--keep_models", "maybe"], "--keep_models maybe: one of auto, yes, no"),
+]
+
+
+@pytest.mark.parametrize("knobs,line", BAD_INPUT, ids=[" ".join(k) for k, _ in BAD_INPUT])
+def test_bad_input_fails_first_in_one_line(tmp_path, tiny_dir, knobs, line):
+    (tmp_path / "empty.txt").write_text("# no names\n")
+    (tmp_path / "binary.txt").write_bytes(bytes(range(256)))
+    (tmp_path / "empty").mkdir()
+    knobs = [k.replace("{tmp}", str(tmp_path)) for k in knobs]
+    out = tmp_path / "out"
+    args = ["--preset", "tiny-models", "--out", str(out), "--tiny_dir", tiny_dir] + knobs
+    with pytest.raises(SystemExit) as e:
+        make_data.main(cfg_for(*args))
+    assert str(e.value).splitlines() == ["[make_data] bad input:", line.replace("{tmp}", str(tmp_path))]
+    assert not out.exists()  # nothing written: it failed before any model loaded
