@@ -6,9 +6,13 @@ subjects and one new-context prompt per subject; FLUX.1-dev renders the scene; G
 and crops each subject; FLUX.1 Kontext re-renders each crop in its new context -> the references.
 Filters drop scenes where a subject is missing, doubled or tiny, and references that drifted from
 their crop (DINO). Stage B: Kontext re-edits an attribute or action for the tasks that need it, and
-a VLM writes the final instruction, naming subjects by category only (checked against the scene
-prompt's appearance words). The cache (VAE latents, T5/CLIP embeddings) is then encoded so sft.py
-never runs the encoders.
+a VLM writes the final instruction, naming subjects by category only (the leak check: a parser of
+the words bound to each subject, then a yes/no question to the VLM). The cache (VAE latents, T5/CLIP
+embeddings) is then encoded so sft.py never runs the encoders; its size is printed at the start.
+
+Ours, beyond the paper: the crop is the box clipped to the image; drops for a box outside the
+image, two categories on one box, a reference unlike its crop; every knob and path is checked
+before any model loads; models stay loaded across rounds where GPU memory allows.
 
 A drawn source instead (--source package.module:function, named by a preset): a function
 draw(index, seed, size, task_mix, id_offset) -> (id, task, instruction, subjects, target, refs, meta)
@@ -17,7 +21,8 @@ that needs no model. The tiny and shapes presets name the shapes world's, "world
 something; this file never imports the world (common.load_named finds it by that name).
 
 Each sample is a pure function of (seed, index): reruns skip finished ids, ranks split the ids,
-and any two runs with the same seed write the same dataset.
+and any two runs with the same seed and batch sizes write the same dataset. (Another gen_batch or
+text_batch batches the kernels differently: the images agree up to rounding, not byte for byte.)
 
 Run:
     python make_data.py --preset tiny                      # data/tiny/, the world's drawn shapes, CPU, seconds
@@ -97,6 +102,23 @@ class Config:
 # ----------------------------------------------------------------------------------------------
 # Writer: images first, then the samples.jsonl line, so a listed sample always has its files.
 
+def append_row(path, row):
+    """common.append_jsonl, after cutting a torn last line (a writer killed mid-line, a full disk) off
+    the file: read_jsonl skips a torn last line, but a row appended after it would glue onto it and
+    leave a bad line in the middle, which no later run could read."""
+    path = Path(path)
+    if path.exists() and path.stat().st_size:
+        with open(path, "rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.seek(0)
+                data = f.read()
+                keep = data.rfind(b"\n") + 1
+                f.truncate(keep)
+                print(f"[make_data] {path}: cut a torn last line ({len(data) - keep} bytes) before appending")
+    append_jsonl(path, row)
+
+
 def ids_in(path):
     """Ids listed in a samples JSONL file (none if it does not exist yet)."""
     return {s["id"] for s in read_jsonl(path)} if Path(path).exists() else set()
@@ -109,7 +131,7 @@ def write_sample(out, sid, task, instruction, subjects, target, refs, meta, shar
         save_png(Path(out) / rel, im)
         rows.append({"category": s["shape"] if "shape" in s else s["category"], "ref": rel})
     save_png(Path(out) / "targets" / f"{sid}.png", target)
-    append_jsonl(shard_file, {"id": sid, "task": task, "instruction": instruction, "subjects": rows,
+    append_row(shard_file, {"id": sid, "task": task, "instruction": instruction, "subjects": rows,
                               "target": f"targets/{sid}.png", "meta": meta})
 
 
@@ -134,7 +156,7 @@ def merge_rank_files(out):
 
 # ----------------------------------------------------------------------------------------------
 # The `models` source (DESIGN 4). Sample i is a pure function of (seed, i): its task, categories and
-# every noise draw come from (seed, i, purpose), so reruns, ranks and batch sizes agree on what it is.
+# every noise draw come from (seed, i, purpose), so reruns and ranks agree on what it is.
 # It runs in phases, one model family on the GPU at a time (see make_models at the end).
 
 def load_categories(path):
@@ -823,12 +845,12 @@ def phase_rows(out, phase):
 
 
 def record(out, phase, row):
-    append_jsonl(work(out, f"{phase}.rank{rank():03d}.jsonl"), row)
+    append_row(work(out, f"{phase}.rank{rank():03d}.jsonl"), row)
 
 
 def drop(out, i, phase, reason, stats):
     """A drop is for good (a rerun skips the id): only outcomes that a rerun would repeat drop."""
-    append_jsonl(Path(out) / f"drops.rank{rank():03d}.jsonl", {"index": i, "phase": phase, "reason": reason})
+    append_row(Path(out) / f"drops.rank{rank():03d}.jsonl", {"index": i, "phase": phase, "reason": reason})
     stats["drops"][reason] = stats["drops"].get(reason, 0) + 1
     clean_work(out, i)
 
@@ -917,9 +939,9 @@ def ask_until_ok(cfg, model, ids, request, judge, template, purpose, stats, imag
     return result
 
 
-def phase_prompts(cfg, out, ids, pool, stats, device):
+def phase_prompts(cfg, out, ids, pool, stats, device, models):
     """Stage A step 2 and stage B's choice of edit (paper: an LLM writes both)."""
-    llm = text_model(cfg, "llm", device)
+    llm = models.get("llm", text_model, cfg, "llm", device)
     plans = {i: plan(cfg, i, pool) for i in ids}
     prompts = ask_until_ok(cfg, llm, ids, lambda i: PROMPT_REQUEST.format(cats=", ".join(plans[i][1])),
                            lambda i, r: (parse_prompts(r, plans[i][1]), "llm_unparseable"),
@@ -950,12 +972,17 @@ def render(pipe, cfg, prompts, seeds, size, images=None, guidance=3.5):
     return pipe(**kw).images
 
 
-def phase_scene(cfg, out, ids, rows, device):
-    """Stage A step 3: FLUX.1-dev renders each scene prompt -> the target (before any edit)."""
+def load_t2i_pipe(cfg, device):
     from diffusers import FluxPipeline
 
     pipe = FluxPipeline.from_pretrained(resolve_model(cfg.t2i, cfg.tiny_dir), dtype=model_dtype(device)).to(device)
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def phase_scene(cfg, out, ids, rows, device, models):
+    """Stage A step 3: FLUX.1-dev renders each scene prompt -> the target (before any edit)."""
+    pipe = models.get("t2i", load_t2i_pipe, cfg, device)
     for chunk in chunks(ids, cfg.gen_batch):
         seeds = [draw_seed(cfg.seed, i + cfg.id_offset, "scene") for i in chunk]
         ims = render(pipe, cfg, [rows[i]["scene"] for i in chunk], seeds, (cfg.resolution, cfg.resolution),
@@ -982,9 +1009,9 @@ def load_detector(cfg, device):
     return rewards.Detector(cfg.detector, device, cfg.box_threshold, cfg.text_threshold, cfg.tiny_dir)
 
 
-def phase_detect(cfg, out, ids, rows, stats, device):
+def phase_detect(cfg, out, ids, rows, stats, device, models):
     """Stage A step 4 and our filters: each category found once (after NMS), its box not tiny."""
-    detector = load_detector(cfg, device)
+    detector = models.get("detector", load_detector, cfg, device)
     for i, (boxes, why) in zip(ids, detect_and_filter(cfg, detector, [scene_path(out, i) for i in ids],
                                                       [rows[i]["cats"] for i in ids])):
         if boxes is None:
@@ -1007,7 +1034,13 @@ def crop_dims(box, size):
     return b[2] - b[0], b[3] - b[1]
 
 
-def phase_reference(cfg, out, ids, rows, boxes, kontext, stats, device):
+def load_dino(cfg, device):
+    import rewards
+
+    return rewards.DinoEmbedder(cfg.dino, device, cfg.tiny_dir)
+
+
+def phase_reference(cfg, out, ids, rows, boxes, kontext, stats, device, models):
     """Stage A step 5: Kontext re-renders each crop in its own new context, at the crop's aspect
     ratio. Crops of one input size share a batch. Then our DINO filter: a reference must still
     look like its crop."""
@@ -1028,7 +1061,7 @@ def phase_reference(cfg, out, ids, rows, boxes, kontext, stats, device):
                          cfg.edit_guidance)
             for (i, k), im in zip(chunk, ims):
                 save_png(ref_path(out, i, k), im)
-    embed = rewards.DinoEmbedder(cfg.dino, device, cfg.tiny_dir)
+    embed = models.get("dino", load_dino, cfg, device)
     for i in ids:
         scene = open_rgb(scene_path(out, i))
         refs = [open_rgb(ref_path(out, i, k)) for k in range(len(boxes[i]))]
@@ -1039,7 +1072,7 @@ def phase_reference(cfg, out, ids, rows, boxes, kontext, stats, device):
             record(out, "reference", {"index": i, "dino": [round(x, 4) for x in sims]})
 
 
-def phase_edit(cfg, out, ids, rows, kontext, stats, device):
+def phase_edit(cfg, out, ids, rows, kontext, stats, device, models):
     """Stage B step 7: Kontext applies the chosen edit to the scene (and for `complex` the new
     background); the edited image is detected again, so a subject the edit removed or doubled drops
     and the boxes describe the edited target."""
@@ -1055,7 +1088,7 @@ def phase_edit(cfg, out, ids, rows, kontext, stats, device):
         for i, im in zip(chunk, ims):
             save_png(edit_path(out, i), im)
     if edited:
-        redetect_edits(cfg, out, edited, rows, load_detector(cfg, device), stats)
+        redetect_edits(cfg, out, edited, rows, models.get("detector", load_detector, cfg, device), stats)
 
 
 def redetect_edits(cfg, out, ids, rows, detector, stats):
@@ -1068,10 +1101,10 @@ def redetect_edits(cfg, out, ids, rows, detector, stats):
             record(out, "edit", {"index": i, "edited": True, "boxes": boxes})
 
 
-def phase_instruction(cfg, out, ids, state, stats, device):
+def phase_instruction(cfg, out, ids, state, stats, device, models):
     """Stage B step 8: the VLM sees the final target (and is told the edit, which it must state) and
     writes the instruction; the leak check rewrites or drops it. Kept samples are written out."""
-    vlm = text_model(cfg, "vlm", device)
+    vlm = models.get("vlm", text_model, cfg, "vlm", device)
 
     def target(i):
         return open_rgb(edit_path(out, i) if state[i]["edited"] else scene_path(out, i))
@@ -1138,9 +1171,40 @@ def load_kontext_pipe(cfg, device):
     return pipe.to(device)
 
 
-def run_round(cfg, out, mine, pool, stats, device):
+class Resident:
+    """Each phase's model, loaded once and kept across rounds (ours; a run used to load every phase's
+    model again each round, about 7 loads a round of 256 ids a rank). keep_models: yes keeps them
+    all; no frees a model when its phase ends, so the phases fit one GPU one at a time; auto keeps
+    them until a load runs out of GPU memory, then frees each after its phase for the rest of the run."""
+
+    def __init__(self, keep):
+        self.keep, self.loaded = keep, {}
+
+    def get(self, name, load, *args):
+        if name not in self.loaded:
+            try:
+                model = load(*args)
+            except torch.cuda.OutOfMemoryError:
+                if self.keep != "auto" or not self.loaded:
+                    raise
+                print(f"[make_data] GPU memory ran out loading {name}: each phase's model is freed after it from now on")
+                self.keep, self.loaded = "no", {}
+                release()
+                model = load(*args)
+            self.loaded[name] = model
+        return self.loaded[name]
+
+    def done(self, *names):
+        """The phase that used these models is over: freed unless models are kept."""
+        if self.keep == "no":
+            for name in names:
+                self.loaded.pop(name, None)
+            release()
+
+
+def run_round(cfg, out, mine, pool, stats, device, models):
     """Every phase over this rank's ids of the round; each phase takes the ids the previous one passed.
-    Kontext stays loaded for references and edits; every other model lives for its phase only."""
+    Models stay loaded across phases and rounds as keep_models says (Resident)."""
     dropped = dropped_indices(out)
     live = [i for i in mine if i not in dropped]
 
@@ -1149,28 +1213,34 @@ def run_round(cfg, out, mine, pool, stats, device):
         return [i for i in live if i not in done and (prev is None or i in prev) and i not in stats["deferred"]]
 
     ids = pending("prompts", None)
-    timed(stats, "prompts", len(ids), phase_prompts, cfg, out, ids, pool, stats, device)
+    timed(stats, "prompts", len(ids), phase_prompts, cfg, out, ids, pool, stats, device, models)
+    models.done("llm")
     rows = phase_rows(out, "prompts")
     ids = pending("scene", "prompts")
-    timed(stats, "scene", len(ids), phase_scene, cfg, out, ids, rows, device)
+    timed(stats, "scene", len(ids), phase_scene, cfg, out, ids, rows, device, models)
+    models.done("t2i")
     ids = pending("detect", "scene")
-    timed(stats, "detect", len(ids), phase_detect, cfg, out, ids, rows, stats, device)
+    timed(stats, "detect", len(ids), phase_detect, cfg, out, ids, rows, stats, device, models)
+    models.done("detector")
     ref_ids, boxes = pending("reference", "detect"), {i: r["boxes"] for i, r in phase_rows(out, "detect").items()}
     kontext = None
     if ref_ids or any(rows[i]["edit"] for i in pending("edit", "reference")):
         # loading Kontext counts to the references, the first phase that uses it
-        kontext = timed(stats, "reference", None, load_kontext_pipe, cfg, device)
-    timed(stats, "reference", len(ref_ids), phase_reference, cfg, out, ref_ids, rows, boxes, kontext, stats, device)
+        kontext = timed(stats, "reference", None, models.get, "kontext", load_kontext_pipe, cfg, device)
+    timed(stats, "reference", len(ref_ids), phase_reference, cfg, out, ref_ids, rows, boxes, kontext, stats, device,
+          models)
+    models.done("dino")
     ids = pending("edit", "reference")
-    timed(stats, "edit", len(ids), phase_edit, cfg, out, ids, rows, kontext, stats, device)
+    timed(stats, "edit", len(ids), phase_edit, cfg, out, ids, rows, kontext, stats, device, models)
     del kontext
-    release()
+    models.done("kontext", "detector")
     kept = kept_indices(out, cfg)
     ids = [i for i in pending("instruction", "edit") if i not in kept]
     det, ref, edit = phase_rows(out, "detect"), phase_rows(out, "reference"), phase_rows(out, "edit")
     state = {i: {**rows[i], "boxes": edit[i].get("boxes", det[i]["boxes"]), "dino": ref[i]["dino"],
                  "edited": edit[i]["edited"]} for i in ids}
-    timed(stats, "instruction", len(ids), phase_instruction, cfg, out, ids, state, stats, device)
+    timed(stats, "instruction", len(ids), phase_instruction, cfg, out, ids, state, stats, device, models)
+    models.done("vlm")
 
 
 def next_block(n, kept, dropped, deferred, size, limit):
@@ -1214,6 +1284,7 @@ def make_models(cfg, out, device):
     token = run_token()
     stats = {"seconds": {}, "items": {}, "peak_gb": {}, "drops": {}, "made": 0, "deferred": set()}
     limit = int(math.ceil(cfg.n_samples * cfg.max_draws))
+    models = Resident(cfg.keep_models)
     for r in range(10 ** 9):
         deferred = set()
         for p in work(out, "deferred").glob(f"{token}.rank*.json"):
@@ -1223,7 +1294,7 @@ def make_models(cfg, out, device):
         file_barrier(out, f"{token}-plan{r}")  # every rank planned from the same files before any writes
         if not block:
             break
-        run_round(cfg, out, block[rank()::world()], pool, stats, device)
+        run_round(cfg, out, block[rank()::world()], pool, stats, device, models)
         write_json(work(out, "deferred", f"{token}.rank{rank():03d}.json"), sorted(stats["deferred"]))
         file_barrier(out, f"{token}-round{r}")
     write_json(work(out, "stats", f"{token}.rank{rank():03d}.json"), {**stats, "deferred": sorted(stats["deferred"])})
@@ -1362,6 +1433,90 @@ def check_config(cfg):
 
 
 # ----------------------------------------------------------------------------------------------
+# The cache's size, said before it is written (DESIGN 2.1: per sample a target latent, one latent per
+# reference, the T5 sequence padded to max_text_len and the CLIP pooled vector) and measured after.
+
+def model_config(name, sub, tiny_dir):
+    """config.json of component `sub` of a local folder, the tiny model or a hub id in the hub cache; or None."""
+    path = Path(resolve_model(name, tiny_dir)).expanduser() / sub / "config.json"
+    if not path.exists():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(name, f"{sub}/config.json")
+        except Exception:  # not a hub id either
+            found = None
+        if not isinstance(found, str):
+            return None
+        path = Path(found)
+    return json.loads(path.read_text())
+
+
+def cache_shapes(cfg, device):
+    """The shapes and element size of the tensors build_cache writes for one sample, from the model's
+    configs (FLUX.1 Kontext's own numbers where a config is not on this machine), and the mean
+    number of references the task mix gives."""
+    vae = model_config(cfg.model, "vae", cfg.tiny_dir) or {"latent_channels": 16, "block_out_channels": [0] * 4}
+    t5 = model_config(cfg.model, "text_encoder_2", cfg.tiny_dir) or {"d_model": 4096}
+    clip = model_config(cfg.model, "text_encoder", cfg.tiny_dir) or {"hidden_size": 768}
+    side = cfg.resolution // 2 ** (len(vae["block_out_channels"]) - 1)
+    counts = [{"three": 3, "four": 4}.get(t, 2) for t in TASKS]
+    return {"target": (vae["latent_channels"], side, side), "ref": (vae["latent_channels"], side, side),
+            "t5": (cfg.max_text_len, t5["d_model"]), "clip": (clip["hidden_size"],),
+            "refs_per_sample": sum(w * n for w, n in zip(cfg.task_mix, counts)) / sum(cfg.task_mix),
+            "bytes_per_element": torch.tensor([], dtype=model_dtype(device)).element_size()}
+
+
+def cache_bytes(shapes):
+    """{part: bytes per sample} by arithmetic from the shapes (references keep their crop's aspect
+    ratio at about the target's area, so theirs is about the target's each)."""
+    b = shapes["bytes_per_element"]
+    parts = {"target": math.prod(shapes["target"]) * b,
+             "refs": round(shapes["refs_per_sample"] * math.prod(shapes["ref"]) * b),
+             "t5": math.prod(shapes["t5"]) * b, "clip": math.prod(shapes["clip"]) * b}
+    return {**parts, "total": sum(parts.values())}
+
+
+def human(n):
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.2f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+
+
+def say_cache_size(cfg, device, paper_scale=350000):
+    shapes = cache_shapes(cfg, device)
+    per = cache_bytes(shapes)
+    x = "x".join
+    print(f"[make_data] cache: {per['total']} bytes a sample ({human(per['total'])}) = {shapes['bytes_per_element']} "
+          f"bytes x (target {x(map(str, shapes['target']))} + {shapes['refs_per_sample']:.2f} refs of about "
+          f"{x(map(str, shapes['ref']))} + t5 {x(map(str, shapes['t5']))} + clip {x(map(str, shapes['clip']))}); "
+          f"{cfg.n_samples} samples: {human(per['total'] * cfg.n_samples)}, {paper_scale} (the paper's scale): "
+          f"{human(per['total'] * paper_scale)}; images (PNG) not counted")
+    return per
+
+
+def measured_cache_bytes(out, samples):
+    """{part: mean bytes per sample} over the tensors the cache shards hold for `samples`, read from
+    the safetensors headers (8-byte length, then JSON with each tensor's data offsets)."""
+    cache = Path(out) / "cache"
+    manifest = json.loads((cache / "manifest.json").read_text())
+    wanted = {s["id"] for s in samples}
+    parts, n = {"target": 0, "refs": 0, "t5": 0, "clip": 0}, set()
+    for shard in manifest["shards"]:
+        with open(cache / shard, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        for key, meta in header.items():
+            sid, _, part = key.rpartition("/")
+            if key == "__metadata__" or sid not in wanted:
+                continue
+            n.add(sid)
+            parts["refs" if part.startswith("ref") else part] += meta["data_offsets"][1] - meta["data_offsets"][0]
+    parts = {k: round(v / max(len(n), 1)) for k, v in parts.items()}
+    return {**parts, "total": sum(parts.values()), "samples": len(n)}
+
+
+# ----------------------------------------------------------------------------------------------
 # A drawn source (named by the preset): no model, each sample drawn from (seed, index).
 
 def make_drawn(cfg, out, draw):
@@ -1414,12 +1569,28 @@ def models_manifest(stats, samples, out):
             "peak_gpu_gb": {k: round(v, 2) for k, v in stats["peak_gb"].items()}}
 
 
+def record_cache_size(cfg, out, samples, m, predicted):
+    """Prints the bytes per sample the shards hold against the prediction, and how many instructions
+    T5 truncates at max_text_len; a models run adds both to manifest.json."""
+    measured = measured_cache_bytes(out, samples)
+    t5_len = min(cfg.max_text_len, m.t5_tok.model_max_length)
+    truncated = sum(len(ids) > t5_len for ids in m.t5_tok([s["instruction"] for s in samples]).input_ids)
+    print(f"[make_data] cache written: {measured['total']} bytes a sample ({human(measured['total'])}; "
+          f"predicted {predicted['total']}); by part {measured}; {truncated} of {len(samples)} instructions "
+          f"longer than {t5_len} T5 tokens (truncated)")
+    path = Path(out) / "manifest.json"
+    if cfg.source == "models" and path.exists():
+        write_json(path, {**json.loads(path.read_text()), "cache_bytes_per_sample": measured,
+                          "cache_bytes_predicted": predicted, "t5_truncated": truncated})
+
+
 def main(cfg):
     draw = None if cfg.source == "models" else load_named(cfg.source, "--source")  # a bad name stops here
     check_config(cfg)  # before any model loads or any file is written
     device = setup_dist(cfg.device)
     out = data_dir(cfg) if not cfg.out else Path(cfg.out)
     print_config(cfg, "make_data", out)
+    predicted = say_cache_size(cfg, device) if cfg.cache and rank() == 0 else None
     ensure_writable(out, "make_data")
     open_run(out, cfg, "make_data", extend=("n_samples", "max_draws"))
     t0 = time.time()
@@ -1442,6 +1613,8 @@ def main(cfg):
         t1 = time.time()
         build_cache(m, out, samples, cfg.resolution, cfg.max_text_len)
         cache_s = time.time() - t1
+        if rank() == 0:
+            record_cache_size(cfg, out, samples, m, predicted)
     if rank() == 0:
         counts = {t: sum(s["task"] == t for s in samples) for t in TASKS}
         print(f"[make_data] {len(samples)} samples in {out} ({made} made this run, "

@@ -65,6 +65,17 @@ def test_tiny_models_preset_end_to_end_and_sft_trains(tmp_path, tiny_dir):
                 assert im.size == make_data.ref_input_size(*make_data.crop_dims((x1, y1, x2, y2), (64, 64)), 64)
     assert not list((out / "work" / "scene").glob("*.png"))  # work images go once a sample is written
     assert (out / "cache" / "manifest.json").exists()
+    # the cache's bytes per sample, said at the start from the shapes, are what the shards hold
+    # (references keep their crop's aspect ratio, so theirs is only about the target's each)
+    measured, predicted = manifest["cache_bytes_per_sample"], manifest["cache_bytes_predicted"]
+    assert measured["samples"] == 3 and all(measured[k] == predicted[k] for k in ("target", "t5", "clip"))
+    refs = sum(len(s["subjects"]) for s in samples) / 3
+    assert abs(measured["refs"] - refs * predicted["target"]) <= 0.3 * refs * predicted["target"]
+    assert measured["t5"] == 16 * 32 * 4  # max_text_len 16 x the tiny T5's width x fp32
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in (out / "cache").iterdir():  # shards too: a normal file's mode, like every other file
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f
     cfg = common.parse_config(sft.Config, "sft", ["--preset", "tiny-models", "--data", str(out), "--out",
                                                   str(tmp_path / "sft"), "--tiny_dir", tiny_dir, "--steps", "3"])
     sft.train(cfg)
@@ -736,3 +747,33 @@ def test_bad_input_fails_first_in_one_line(tmp_path, tiny_dir, knobs, line):
         make_data.main(cfg_for(*args))
     assert str(e.value).splitlines() == ["[make_data] bad input:", line.replace("{tmp}", str(tmp_path))]
     assert not out.exists()  # nothing written: it failed before any model loaded
+
+
+def test_a_torn_last_line_is_cut_before_appending(tmp_path, capsys):
+    path = tmp_path / "detect.rank000.jsonl"
+    path.write_text('{"index": 0}\n{"index": 1}\n{"ind')  # a writer killed mid-line (or a full disk)
+    make_data.append_row(path, {"index": 2})
+    assert common.read_jsonl(path) == [{"index": 0}, {"index": 1}, {"index": 2}]
+    assert "cut a torn last line (5 bytes)" in capsys.readouterr().out
+    make_data.append_row(path, {"index": 3})  # a whole file is left alone
+    assert [r["index"] for r in common.read_jsonl(path)] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("keep", ["auto", "no"])
+def test_models_stay_loaded_across_rounds(tmp_path, tiny_dir, monkeypatch, keep):
+    loads = {"t2i": 0, "detector": 0}
+
+    def counted(name, load):
+        def wrapper(*a):
+            loads[name] += 1
+            return load(*a)
+        return wrapper
+
+    monkeypatch.setattr(make_data, "load_t2i_pipe", counted("t2i", make_data.load_t2i_pipe))
+    monkeypatch.setattr(make_data, "load_detector", counted("detector", make_data.load_detector))
+    out = tmp_path / keep
+    make_data.main(models_cfg(tiny_dir, out, "--n_samples", "3", "--round_size", "1", "--cache", "false",
+                              "--keep_models", keep, "--task_mix", "0,0,1,1,0,0,0"))  # no edits: one detection a round
+    rounds = len(list((out / "work" / "sync").glob("*-round*.rank000")))
+    assert rounds >= 3
+    assert loads == ({"t2i": 1, "detector": 1} if keep == "auto" else {"t2i": rounds, "detector": rounds})
