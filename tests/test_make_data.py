@@ -241,14 +241,15 @@ def test_local_llm_garbage_is_a_counted_drop_and_retries_sample(tmp_path, tiny_d
     out = tmp_path / "l"
     cfg = cfg_for("--preset", "tiny-models", "--out", str(out), "--tiny_dir", tiny_dir, "--llm", "tiny")
     stats = {"drops": {}, "deferred": set()}
-    make_data.phase_prompts(cfg, out, [0, 1], make_data.load_categories(cfg.categories), stats, "cpu")
+    make_data.phase_prompts(cfg, out, [0, 1], make_data.load_categories(cfg.categories), stats, "cpu",
+                            make_data.Resident("no"))
     assert stats["drops"] == {"llm_unparseable": 2} and not make_data.phase_rows(out, "prompts")
 
 
 class FakeChat(http.server.BaseHTTPRequestHandler):
     """An OpenAI-compatible /chat/completions: an LLM for text-only requests, a VLM for ones with an
     image. `fail_first` requests answer 500 (an outage the client must ride out); `garbage` replies prose."""
-    log, fail_first, garbage = [], 0, False
+    log, fail_first, garbage, leak_answer = [], 0, False, "No."
 
     def do_POST(self):
         import re
