@@ -778,3 +778,18 @@ def test_models_stay_loaded_across_rounds(tmp_path, tiny_dir, monkeypatch, keep)
     rounds = len(list((out / "work" / "sync").glob("*-round*.rank000")))
     assert rounds >= 3
     assert loads == ({"t2i": 1, "detector": 1} if keep == "auto" else {"t2i": rounds, "detector": rounds})
+
+
+def test_models_source_killed_and_resumed_equals_uninterrupted(tmp_path, tiny_dir):
+    """The model pipeline with its models kept across rounds: killed after its second sample and
+    rerun, it writes the same samples and the same image bytes as a run never killed."""
+    extra = ("--preset", "tiny-models", "--tiny_dir", tiny_dir, "--n_samples", "3", "--round_size", "1",
+             "--cache", "false")
+    a = run_md(tmp_path, tmp_path / "a", *extra)
+    assert a.returncode == 0, a.stderr[-2000:]
+    b = run_md(tmp_path, tmp_path / "b", *extra, die="make_data:2")
+    assert b.returncode != 0
+    b = run_md(tmp_path, tmp_path / "b", *extra)
+    assert b.returncode == 0, b.stderr[-2000:]
+    (ra, fa, _), (rb, fb, _) = dataset_state(tmp_path / "a"), dataset_state(tmp_path / "b")
+    assert ra == rb and len(ra) == 3 and fa == fb
