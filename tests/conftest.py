@@ -20,8 +20,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TRITON_INTERPRET", "1")
-# One thread for the in-process tests (test_world_perception.py sets it at import as well); the
-# stages the tests start as subprocesses pick their own.
+# One thread a process, here and in every stage the tests start (OMP_NUM_THREADS is inherited; torchrun
+# sets it for its ranks too). The tests' models are tiny: a second thread mostly waits, and with this
+# process, a subprocess and the world build sharing 2 cores it spins. Measured: one tiny bench run took
+# 6.8 CPU seconds (130 s wall) with one thread, 18.2 (243 s wall) with two, on a loaded machine.
+os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
 
 import common  # noqa: E402  (after the path insert above)
