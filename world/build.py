@@ -29,7 +29,9 @@ Run (from the project folder; `python -m world` runs this file):
     python -m world --only vae,kontext --base_steps 1200    # some models, fewer steps (the tests' small world)
     make shapes                             # world, then make_data, sft, rl, bench and the table
 Each model is built into a temp folder and renamed when whole, so a killed build resumes at the
-model it was building. Choices here are all ours (the paper has no such world).
+model it was building. Each carries a content key (build.json: a hash of its knobs, world/*.py and its
+inputs' keys); a model of another key is set aside in world-models/.cache/ and taken back when its key
+is asked for again, so no model is trained twice for the same content and none is used stale. Choices here are all ours (the paper has no such world).
 """
 
 import hashlib
