@@ -923,6 +923,7 @@ def build_cache(m, data_dir, samples, resolution, max_text_len, shard_size=256, 
         name = f"shard-{fp_tag}-r{rank()}-{len(part['shards']):05d}.safetensors"
         with atomic_path(cache / name) as tmp:
             save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp))
+            os.chmod(tmp, 0o666 & ~current_umask())  # save_file makes a new file, 0600: give it a normal file's mode
         part["shards"][name] = [s["id"] for s in chunk]
         write_json(part_path, part)
     barrier()

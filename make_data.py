@@ -6,9 +6,13 @@ subjects and one new-context prompt per subject; FLUX.1-dev renders the scene; G
 and crops each subject; FLUX.1 Kontext re-renders each crop in its new context -> the references.
 Filters drop scenes where a subject is missing, doubled or tiny, and references that drifted from
 their crop (DINO). Stage B: Kontext re-edits an attribute or action for the tasks that need it, and
-a VLM writes the final instruction, naming subjects by category only (checked against the scene
-prompt's appearance words). The cache (VAE latents, T5/CLIP embeddings) is then encoded so sft.py
-never runs the encoders.
+a VLM writes the final instruction, naming subjects by category only (the leak check: a parser of
+the words bound to each subject, then a yes/no question to the VLM). The cache (VAE latents, T5/CLIP
+embeddings) is then encoded so sft.py never runs the encoders; its size is printed at the start.
+
+Ours, beyond the paper: the crop is the box clipped to the image; drops for a box outside the
+image, two categories on one box, a reference unlike its crop; every knob and path is checked
+before any model loads; models stay loaded across rounds where GPU memory allows.
 
 A drawn source instead (--source package.module:function, named by a preset): a function
 draw(index, seed, size, task_mix, id_offset) -> (id, task, instruction, subjects, target, refs, meta)
@@ -17,7 +21,8 @@ that needs no model. The tiny and shapes presets name the shapes world's, "world
 something; this file never imports the world (common.load_named finds it by that name).
 
 Each sample is a pure function of (seed, index): reruns skip finished ids, ranks split the ids,
-and any two runs with the same seed write the same dataset.
+and any two runs with the same seed and batch sizes write the same dataset. (Another gen_batch or
+text_batch batches the kernels differently: the images agree up to rounding, not byte for byte.)
 
 Run:
     python make_data.py --preset tiny                      # data/tiny/, the world's drawn shapes, CPU, seconds
@@ -72,6 +77,7 @@ class Config:
     endpoint_backoff: float = 1.0  # seconds before the first retry, doubled each time
     vlm: str = "template"         # template | a local Qwen2.5-VL (folder or hub id) | http(s)://host/v1
     vlm_model: str = ""
+    leak_question: bool = True    # ask a real VLM whether each instruction describes a subject's look (a "yes" drops it)
     t2i: str = "black-forest-labs/FLUX.1-dev"
     detector: str = "IDEA-Research/grounding-dino-tiny"
     dino: str = "facebook/dino-vits16"
@@ -79,6 +85,7 @@ class Config:
     text_threshold: float = 0.25
     exact_once: bool = True       # drop a scene where a category is found more than once (or never), after NMS
     nms_iou: float = 0.5          # boxes of one category overlapping more than this are one object
+    max_pair_iou: float = 0.7     # boxes of two categories overlapping more than this are one object: drop
     min_box_frac: float = 0.02    # smallest box area as a fraction of the image
     min_dino: float = 0.5         # smallest DINO similarity of a reference to its crop
     gen_steps: int = 28
@@ -89,10 +96,28 @@ class Config:
     text_batch: int = 8           # prompts per local LLM/VLM generate call
     round_size: int = 256         # ids per rank per round (every phase runs over a round before the next)
     max_draws: float = 3.0        # give up after n_samples * max_draws ids (a pipeline that drops everything stops)
+    keep_models: str = "auto"     # keep each phase's model loaded across rounds: yes | no | auto (yes until GPU memory runs out)
 
 
 # ----------------------------------------------------------------------------------------------
 # Writer: images first, then the samples.jsonl line, so a listed sample always has its files.
+
+def append_row(path, row):
+    """common.append_jsonl, after cutting a torn last line (a writer killed mid-line, a full disk) off
+    the file: read_jsonl skips a torn last line, but a row appended after it would glue onto it and
+    leave a bad line in the middle, which no later run could read."""
+    path = Path(path)
+    if path.exists() and path.stat().st_size:
+        with open(path, "rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.seek(0)
+                data = f.read()
+                keep = data.rfind(b"\n") + 1
+                f.truncate(keep)
+                print(f"[make_data] {path}: cut a torn last line ({len(data) - keep} bytes) before appending")
+    append_jsonl(path, row)
+
 
 def ids_in(path):
     """Ids listed in a samples JSONL file (none if it does not exist yet)."""
@@ -106,7 +131,7 @@ def write_sample(out, sid, task, instruction, subjects, target, refs, meta, shar
         save_png(Path(out) / rel, im)
         rows.append({"category": s["shape"] if "shape" in s else s["category"], "ref": rel})
     save_png(Path(out) / "targets" / f"{sid}.png", target)
-    append_jsonl(shard_file, {"id": sid, "task": task, "instruction": instruction, "subjects": rows,
+    append_row(shard_file, {"id": sid, "task": task, "instruction": instruction, "subjects": rows,
                               "target": f"targets/{sid}.png", "meta": meta})
 
 
@@ -131,16 +156,25 @@ def merge_rank_files(out):
 
 # ----------------------------------------------------------------------------------------------
 # The `models` source (DESIGN 4). Sample i is a pure function of (seed, i): its task, categories and
-# every noise draw come from (seed, i, purpose), so reruns, ranks and batch sizes agree on what it is.
+# every noise draw come from (seed, i, purpose), so reruns and ranks agree on what it is.
 # It runs in phases, one model family on the GPU at a time (see make_models at the end).
 
 def load_categories(path):
-    p = Path(path) if Path(path).is_absolute() else ROOT / path
-    if not p.exists():
-        raise SystemExit(f"category pool {p} not found")
-    lines = [ln.split("#")[0].strip() for ln in p.read_text().splitlines() if not ln.startswith("#")]
-    # Objects365 writes alternatives as "Cabinet/shelf": the detector gets the first, lowercased
-    return sorted({n.split("/")[0].strip().lower() for n in lines if n})
+    text, why = read_category_file(path)
+    if why:
+        raise SystemExit(f"[make_data] {why}")
+    lines = [ln.split("#")[0].strip() for ln in text.splitlines() if not ln.startswith("#")]
+    return sorted({category_name(n) for n in lines if n})
+
+
+def category_name(name):
+    """The detector's text for an Objects365 name: alternatives ("Cabinet/shelf") give the first,
+    lowercased; a first alternative that lacks the head noun the second has ("Cutting/chopping
+    Board") takes it from there: "cutting board", not "cutting"."""
+    first, *rest = [part.strip() for part in name.lower().split("/")]
+    if rest and len(rest[0].split()) > len(first.split()):
+        first = " ".join([first] + rest[0].split()[len(first.split()):])
+    return first
 
 
 def draw_seed(seed, index, purpose):
@@ -363,11 +397,23 @@ class TextModel:
 
 # ----------------------------------------------------------------------------------------------
 # The leak check (paper: instructions name subjects by category only, so appearance must come from
-# the references). Ours: a small parser that finds the words bound to each subject mention, before
-# the noun ("the fluffy striped cat") and after it ("a dog with a shaggy red coat", "the cat is
-# ginger"). Appearance words are what the scene and reference prompts bind to a subject, plus a
-# lexicon of colours, materials, patterns, sizes and breeds (a VLM may invent a colour the prompt
-# never had). Relations, verbs and other subjects' names are never appearance.
+# the references). Ours, in two layers.
+# Lexical layer: a small parser finds the words bound to each subject: before its noun ("the fluffy
+# striped cat"), and in a describing phrase after it: "with / wearing / dressed in / made of ...",
+# "is / are / looks ...", an appositive (", a golden retriever,"), a relative clause (", whose fur
+# is ginger", "that has golden fur"), parentheses, dashes, a possessive ("the cat's fur is ginger",
+# "its coat is golden"), and later sentences about the subjects ("Both animals are fluffy."). A
+# prompt's looks are the words it binds to a subject; a subject's own (reference) prompt also
+# binds its opening noun phrase, which may name the subject by a narrower word ("A golden retriever
+# with a red collar running ..." for the category dog).
+# The instruction leaks when (a) a look word of a subject's own prompt, or a breed, stands anywhere
+# in it, or (b) a lexicon word (colour, material, pattern, size, texture, clothing) or a look word of
+# the scene prompt is bound to a subject. A colour of the setting ("in a green meadow", "a room with
+# pastel walls") is no leak unless a subject's own prompt gave that word to the subject. Words of the
+# edit itself are allowed. Only words before a subject's noun can be cut out safely ("rewritten");
+# any other leak drops the instruction ("appearance_leak").
+# Second layer, for a real VLM: the VLM is asked the yes/no LEAK_QUESTION; a "yes" drops the sample
+# ("vlm_says_appearance"), a reply that is neither drops it as "vlm_leak_unparseable".
 
 COLOURS = set("red orange yellow green blue purple violet pink brown black white gray grey golden gold silver beige tan "
               "ginger cream ivory maroon navy teal turquoise crimson scarlet amber bronze copper khaki olive lavender "
@@ -375,33 +421,45 @@ COLOURS = set("red orange yellow green blue purple violet pink brown black white
               "blond blonde".split())
 MATERIALS = set("wooden wood metal metallic steel iron plastic glass leather ceramic porcelain stone marble brass chrome "
                 "rubber paper cardboard fabric wool woolen woollen knitted cotton silk velvet denim plush wicker "
-                "bamboo crystal".split())
+                "bamboo crystal oak pine walnut".split())
 PATTERNS = set("striped stripes spotted spots dotted polka checkered checked plaid tartan floral patterned tabby "
                "speckled camouflage paisley".split())
 SIZES = set("small tiny little large big huge giant miniature tall short long thin slim fat chubby".split())
 TEXTURES_LOOKS = set("fluffy shaggy fuzzy furry hairy curly shiny glossy matte sparkly glittery rusty dusty muddy old "
-                     "vintage antique retro worn shabby polished elegant ornate fancy cute".split())
+                     "vintage antique retro worn shabby polished elegant ornate fancy cute floppy pleated carved".split())
 BREEDS = set("labrador poodle beagle bulldog dachshund husky corgi terrier retriever siamese persian calico "
-             "shepherd collie pug dalmatian chihuahua".split())
+             "shepherd collie pug dalmatian chihuahua spaniel schnauzer maine".split())
 LEXICON = COLOURS | MATERIALS | PATTERNS | SIZES | TEXTURES_LOOKS | BREEDS
 CLOTHING = set("sweater coat jacket hat scarf dress shirt costume uniform collar boots raincoat hoodie vest cap "
                "bow tie sunglasses glasses".split())
 DETERMINERS = set("a an the this that these those its his her their our my your some two three four one".split())
 # after the noun, these open a phrase that describes the subject
-HAS = set("with wearing wears wear dressed covered made having has sporting painted".split())
-IS = set("is are looks look appears seems".split())
-# words that end a phrase bound to a subject (a relation, a clause, a preposition of place)
+HAS = set("with wearing wears wear dressed covered made having has have sporting painted clad".split())
+IS = set("is are was were looks look appears appear seems seem".split())
+RELATIVE = set("whose which that who".split())
+# words standing for subjects in a sentence of their own ("Both animals are fluffy", "its coat is gold")
+SUBJECT_WORDS = set("it they both animals pets objects items subjects things".split())
+POSSESSIVE_PRONOUNS = set("its their his her".split())
+# words that end a phrase bound to a subject (a relation, a clause, a preposition of place, a verb)
 BOUNDARY = set("and or but next beside besides near by left right above below behind front under over on at in into "
                "onto to from between while who that which where as than like facing toward towards against "
                "together alone sits sit sitting stands stand standing lies lie lying rests resting placed "
                "put show make give place let keep".split())
 STOP = DETERMINERS | BOUNDARY | set("of for very also both each other same photo picture image scene".split())
+# verbs that end a describing phrase too ("the dog with a ball chases a red kite"); not stop words,
+# since an action edit's verb must show up in its instruction
+SPAN_END = BOUNDARY | set("across along through around beneath inside outside runs run plays play chases chase "
+                          "watches watch holds hold jumps jump walks walk sleeps sleep waits wait kneels kneel rest "
+                          "looking".split())
+PUNCT_END = set(".,;:!?)")
+DASHES = {"\u2014", "\u2013", "-"}
 
 
 def tokens(text):
-    """(word, start, end) for each word and each punctuation mark, lowercased."""
+    """(word, start, end) for each word and each punctuation mark, lowercased; "cat's" stays one word."""
     import re
 
+    text = text.replace("\u2019", "'")
     return [(m.group(0).lower(), m.start(), m.end()) for m in re.finditer(r"[A-Za-z]+(?:[-'][A-Za-z]+)*|[^\sA-Za-z]", text)]
 
 
@@ -409,10 +467,19 @@ def is_word(w):
     return w[0].isalpha()
 
 
+def possessive(w):
+    """'cat's' -> 'cat', "cats'" -> 'cats', else None."""
+    return w[:-2] if w.endswith("'s") else w[:-1] if w.endswith("s'") else None
+
+
+def base(w):
+    return possessive(w) or w
+
+
 def mentions(toks, cat):
-    """Token spans (first, last) where category `cat` occurs as whole words (plural allowed)."""
+    """Token spans (first, last) where category `cat` occurs as whole words (plural and possessive allowed)."""
     parts = cat.lower().split()
-    words = [t[0] for t in toks]
+    words = [base(t[0]) for t in toks]
     out = []
     for i in range(len(words) - len(parts) + 1):
         *head, last = parts
@@ -421,48 +488,126 @@ def mentions(toks, cat):
     return out
 
 
+def category_words(cats):
+    return {w for c in cats for p in c.lower().split() for w in (p, p + "s", p + "es")}
+
+
+def phrase(words, j, cat_words, clothing_only=False):
+    """Word indices of the describing phrase starting at j (after its trigger), up to the first
+    boundary, punctuation or verb; "and" goes on only into another look word ("fluffy and brown").
+    A phrase that reaches another subject ("with the steel knife") was that subject's: empty.
+    clothing_only (after "in"): the phrase counts only if it names clothing ("in a red sweater",
+    not "in a green meadow")."""
+    out = []
+    while j < len(words) and is_word(words[j]):
+        w, prev = words[j], words[j - 1]
+        nxt = words[j + 1] if j + 1 < len(words) else ""
+        if base(w) in cat_words:
+            return []
+        if w in DETERMINERS or w in ("of", "very") or (w == "in" and prev in ("dressed", "covered", "clad")) \
+                or (w in HAS and not clothing_only):
+            j += 1
+            continue
+        if w == "and" and nxt in LEXICON:
+            j += 1
+            continue
+        if w in SPAN_END or (w.endswith("ing") and w not in HAS):
+            break
+        out.append(j)
+        j += 1
+    if clothing_only and not any(words[k] in CLOTHING for k in out):
+        return []
+    return out
+
+
+def enclosed(words, j, close, cat_words):
+    """Word indices from j up to the closing mark (parentheses, dashes) or the end of the sentence."""
+    out = []
+    while j < len(words) and words[j] not in (close, ".", "!", "?"):
+        if is_word(words[j]) and base(words[j]) not in cat_words:
+            out.append(j)
+        j += 1
+    return out
+
+
+def after(words, j, cat_words):
+    """The describing words after a subject word that ends at token j-1 (see the section's comment)."""
+    if j >= len(words):
+        return []
+    w = words[j]
+    nxt = words[j + 1] if j + 1 < len(words) else ""
+    if w == "(":
+        return enclosed(words, j + 1, ")", cat_words)
+    if w in DASHES and not (nxt in cat_words):
+        return enclosed(words, j + 1, w, cat_words)
+    if w == ",":
+        if nxt in ("a", "an"):  # an appositive, up to the next comma
+            return [k for k in enclosed(words, j + 2, ",", cat_words) if words[k] not in STOP]
+        if nxt in RELATIVE or nxt in HAS:
+            return after(words, j + 1, cat_words)
+        return []
+    if w == "whose":  # ", whose fur is ginger": the noun, then its predicate
+        k = j + 1
+        while k < len(words) and is_word(words[k]) and words[k] not in IS:
+            k += 1
+        return list(range(j + 1, k)) + (phrase(words, k + 1, cat_words) if k < len(words) and words[k] in IS else [])
+    if w in ("which", "that", "who"):
+        return after(words, j + 1, cat_words) if nxt in IS or nxt in HAS else []
+    if w in IS or w in HAS:
+        return phrase(words, j + 1, cat_words)
+    if w == "in":
+        return phrase(words, j + 1, cat_words, clothing_only=True)
+    return []
+
+
 def bound_words(text, cats):
-    """For each subject mention: (token indices of the words before the noun, words after it in a
-    describing phrase, the trigger word of that phrase). Category words themselves are never bound."""
+    """For each subject word: (category or the word, token indices before the noun, token indices of
+    the describing words after it). Subject words are the category mentions (a possessive binds its
+    possessed noun phrase: "the cat's ginger fur is soft"), and words that stand for subjects in a
+    sentence of their own ("it", "both animals", "its coat is golden")."""
     toks = tokens(text)
     words = [t[0] for t in toks]
-    cat_words = {w for c in cats for p in c.lower().split() for w in (p, p + "s", p + "es")}
+    cat_words = category_words(cats)
     found = []
-    for c in cats:
-        for first, last in mentions(toks, c):
-            pre, j = [], first - 1
-            while j >= 0 and len(pre) < 4 and is_word(words[j]) and words[j] not in STOP and words[j] not in cat_words \
-                    and not words[j].endswith("ing"):
+    anchors = [(c, first, last) for c in cats for first, last in mentions(toks, c)]
+    anchors += [(w, j, j) for j, w in enumerate(words) if w in SUBJECT_WORDS or w in POSSESSIVE_PRONOUNS]
+    for c, first, last in anchors:
+        pre, j = [], first - 1
+        if c in cats:  # adjectives before a category noun
+            while j >= 0 and len(pre) < 4 and is_word(words[j]) and words[j] not in STOP \
+                    and base(words[j]) not in cat_words and not words[j].endswith("ing") and not possessive(words[j]):
                 pre.append(j)
                 j -= 1
-            post, trigger, j = [], None, last + 1
-            if j < len(words) and (words[j] in HAS or words[j] in IS or words[j] == "in"):
-                trigger, j = words[j], j + 1
-                while j < len(words) and is_word(words[j]):
-                    w = words[j]
-                    nxt = words[j + 1] if j + 1 < len(words) else ""
-                    if w == "of" and words[j - 1] == "made" or w in DETERMINERS:
-                        j += 1
-                        continue
-                    if w == "and" and nxt in LEXICON:  # "black and white fur"
-                        j += 1
-                        continue
-                    if w in cat_words:  # "with the steel knife": those words were another subject's
-                        post = []
-                    if w in BOUNDARY or w in cat_words or w.endswith("ing") or w == "of":
-                        break
-                    post.append(j)
-                    j += 1
-            found.append((c, pre, post, trigger))
+        post, j = [], last + 1
+        if possessive(words[last]) is not None or words[last] in POSSESSIVE_PRONOUNS:
+            # the possessed noun phrase ("the cat's ginger fur"), then what is said of it
+            while j < len(words) and is_word(words[j]) and words[j] not in STOP and words[j] not in IS \
+                    and words[j] not in HAS and base(words[j]) not in cat_words:
+                post.append(j)
+                j += 1
+        post += after(words, j, cat_words)
+        found.append((c, pre, post))
     return toks, found
 
 
-def describing(word, trigger):
-    """Is `word`, after trigger `trigger`, part of the subject's look? ("with a red collar": yes; "in
-    a park": no, though "in a red sweater" is)."""
-    if trigger in HAS:
-        return True
-    return word in LEXICON or (trigger == "in" and word in CLOTHING)
+def opening_phrase(text, cats):
+    """The words of a subject prompt's opening noun phrase and its describing phrase: "A golden
+    retriever with a red collar running across a meadow" -> golden, retriever, red, collar."""
+    toks = tokens(text)
+    words = [t[0] for t in toks]
+    cat_words = category_words(cats)
+    j = 0
+    while j < len(words) and (words[j] in DETERMINERS or words[j] in ("photo", "picture", "image", "of", "close-up")
+                              or not is_word(words[j])):
+        j += 1
+    out = []
+    while j < len(words) and is_word(words[j]) and words[j] not in STOP and words[j] not in HAS \
+            and not words[j].endswith("ing") and base(words[j]) not in cat_words:
+        out.append(j)
+        j += 1
+    if j < len(words) and base(words[j]) in cat_words:
+        return set()  # the category itself: bound_words reads this prompt
+    return {words[k] for k in out + after(words, j, cat_words)} - STOP - HAS - IS
 
 
 def appearance_words(texts, cats):
@@ -471,10 +616,17 @@ def appearance_words(texts, cats):
     found = set()
     for text in texts:
         toks, bound = bound_words(text, cats)
-        for _, pre, post, trigger in bound:
-            found |= {toks[j][0] for j in pre}
-            found |= {toks[j][0] for j in post if describing(toks[j][0], trigger)}
+        words = {toks[j][0] for _, pre, post in bound for j in pre + post}
+        found |= {w for w in words if w not in STOP and w not in IS and w not in HAS}
     return found
+
+
+def own_looks(subject_prompts, cats):
+    """The look words that the subjects' own (reference) prompts give them: rejected anywhere."""
+    found = appearance_words(subject_prompts, cats)
+    for p in subject_prompts:
+        found |= {w for w in opening_phrase(p, cats) if w not in STOP}
+    return found - category_words(cats)
 
 
 def content_words(text, cats=()):
@@ -501,31 +653,68 @@ def remove_tokens(text, toks, idx):
     return re.sub(r"\b([Aa]) ([aeiouAEIOU])", r"\1n \2", text)
 
 
-def check_instruction(instruction, cats, appearance, edit_text=""):
-    """(instruction or None, verdict). Appearance words (from the prompts or the lexicon) bound to a
-    subject before its noun are removed ("rewritten"); one in a phrase after the noun cannot be cut
-    out safely, so the instruction drops ("appearance_leak"). Every subject must be named as a whole
-    word, and an edited sample's instruction must state its edit; words of the edit itself are allowed."""
+def leaking(instruction, cats, appearance, own, allowed):
+    """(token indices cut out safely: looks before a subject's noun, token indices that cannot be cut)."""
+    cat_words = category_words(cats)
+    everywhere = (set(own) | BREEDS) - allowed - cat_words
+    bound_bad = (set(appearance) | set(own) | LEXICON | CLOTHING) - allowed - cat_words
+    toks, bound = bound_words(instruction, cats)
+
+    def parts(j):  # "grey-furred" is grey as well
+        w = base(toks[j][0])
+        return {w, *w.split("-")}
+
+    pre = {j for _, p, _ in bound for j in p if parts(j) & bound_bad}
+    post = {j for _, _, q in bound for j in q if parts(j) & bound_bad}
+    anywhere = {j for j in range(len(toks)) if parts(j) & everywhere}
+    return toks, pre, (post | anywhere) - pre
+
+
+def check_instruction(instruction, cats, appearance, edit_text="", own=()):
+    """(instruction or None, verdict): the lexical layer (see the section's comment). `appearance`:
+    look words of the scene and reference prompts (appearance_words), rejected where the instruction
+    binds them to a subject; `own`: look words of the subjects' own prompts (own_looks), rejected
+    anywhere. Looks before a subject's noun are removed ("rewritten"); any other leak drops
+    ("appearance_leak"). Every subject must be named as a whole word, and an edited sample's
+    instruction must state its edit; words of the edit itself are allowed."""
     if not instruction or not instruction.strip():
         return None, "instruction_empty"
     instruction = instruction.strip().strip('"').strip()
     allowed = content_words(edit_text, cats) if edit_text else set()
-    bad = (set(appearance) | LEXICON) - allowed
-    toks, bound = bound_words(instruction, cats)
-    pre = {j for _, p, _, _ in bound for j in p if toks[j][0] in bad}
-    post = {j for _, _, q, trig in bound for j in q if toks[j][0] in bad and describing(toks[j][0], trig)}
-    if post:
+    toks, pre, rest = leaking(instruction, cats, appearance, own, allowed)
+    if rest:
         return None, "appearance_leak"
     if pre:
         instruction = remove_tokens(instruction, toks, pre)
-        toks, bound = bound_words(instruction, cats)
-        if any(toks[j][0] in bad for _, p, _, _ in bound for j in p):
+        _, pre2, rest2 = leaking(instruction, cats, appearance, own, allowed)
+        if pre2 or rest2:
             return None, "appearance_leak"
     if any(not mentions(tokens(instruction), c) for c in cats):
         return None, "instruction_missing_subject"
     if edit_text and not (content_words(edit_text, cats) - EDIT_VERBS) & content_words(instruction, cats):
         return None, "instruction_missing_edit"
     return instruction, "rewritten" if pre else "ok"
+
+
+LEAK_QUESTION = (
+    "Subjects: {cats}. Instruction: \"{instruction}\"\nApart from naming each subject by its category, does this "
+    "instruction describe how any of these subjects looks (colour, material, pattern, size, breed, clothing, "
+    "texture, or any other visual detail of the subject itself)? The setting, the light, positions and actions "
+    "do not count.{edit} Answer with one word: yes or no.")
+LEAK_QUESTION_EDIT = " The requested edit \"{edit}\" is allowed to be described."
+
+
+def leak_question(instruction, cats, edit_text=""):
+    return LEAK_QUESTION.format(cats=", ".join(cats), instruction=instruction,
+                                edit=LEAK_QUESTION_EDIT.format(edit=edit_text) if edit_text else "")
+
+
+def parse_yes_no(reply):
+    """True for yes, False for no, None for anything else (the first word decides)."""
+    import re
+
+    m = re.match(r"\W*(yes|no)\b", (reply or "").strip().lower())
+    return None if not m else m.group(1) == "yes"
 
 
 def relation_of(a, b):
@@ -571,8 +760,21 @@ def nms(found, threshold=0.5):
     return kept
 
 
-def filter_boxes(det, cats, size, exact_once, min_box_frac, nms_iou=0.5):
-    """One box per category, or the drop reason."""
+def clip_box(box, size):
+    """make_data's crop: the whole pixels covering the box, clipped to the image; None when nothing of
+    it is inside. (rewards.crop_box keeps the authors' numpy slicing for the benchmark's official
+    mode, where a box starting 1 px left of the image counts from the far edge and the crop falls
+    back to the whole scene; that scene must never become one subject's reference.)"""
+    w, h = size
+    x1, y1 = max(0, math.floor(box[0])), max(0, math.floor(box[1]))
+    x2, y2 = min(w, math.ceil(box[2])), min(h, math.ceil(box[3]))
+    return (x1, y1, x2, y2) if x2 > x1 and y2 > y1 else None
+
+
+def filter_boxes(det, cats, size, exact_once, min_box_frac, nms_iou=0.5, max_pair_iou=1.0):
+    """One box per category (clipped to the image), or the drop reason: "crop_empty" for a box with
+    nothing inside the image, "boxes_overlap" for two categories whose boxes overlap by more than
+    max_pair_iou (two names found on one object: "car" and "suv", or a detector that cannot tell)."""
     boxes = []
     for c in cats:
         found = nms(det.get(c, []), nms_iou)
@@ -580,10 +782,14 @@ def filter_boxes(det, cats, size, exact_once, min_box_frac, nms_iou=0.5):
             return None, "not_found"
         if exact_once and len(found) > 1:
             return None, "found_multiple"
-        box = found[0][0]
+        box = clip_box(found[0][0], size)
+        if box is None:
+            return None, "crop_empty"
         if (box[2] - box[0]) * (box[3] - box[1]) < min_box_frac * size[0] * size[1]:
             return None, "box_too_small"
         boxes.append([float(v) for v in box])
+    if any(iou(a, b) > max_pair_iou for k, a in enumerate(boxes) for b in boxes[k + 1:]):
+        return None, "boxes_overlap"
     return boxes, "ok"
 
 
@@ -639,12 +845,12 @@ def phase_rows(out, phase):
 
 
 def record(out, phase, row):
-    append_jsonl(work(out, f"{phase}.rank{rank():03d}.jsonl"), row)
+    append_row(work(out, f"{phase}.rank{rank():03d}.jsonl"), row)
 
 
 def drop(out, i, phase, reason, stats):
     """A drop is for good (a rerun skips the id): only outcomes that a rerun would repeat drop."""
-    append_jsonl(Path(out) / f"drops.rank{rank():03d}.jsonl", {"index": i, "phase": phase, "reason": reason})
+    append_row(Path(out) / f"drops.rank{rank():03d}.jsonl", {"index": i, "phase": phase, "reason": reason})
     stats["drops"][reason] = stats["drops"].get(reason, 0) + 1
     clean_work(out, i)
 
@@ -733,9 +939,9 @@ def ask_until_ok(cfg, model, ids, request, judge, template, purpose, stats, imag
     return result
 
 
-def phase_prompts(cfg, out, ids, pool, stats, device):
+def phase_prompts(cfg, out, ids, pool, stats, device, models):
     """Stage A step 2 and stage B's choice of edit (paper: an LLM writes both)."""
-    llm = text_model(cfg, "llm", device)
+    llm = models.get("llm", text_model, cfg, "llm", device)
     plans = {i: plan(cfg, i, pool) for i in ids}
     prompts = ask_until_ok(cfg, llm, ids, lambda i: PROMPT_REQUEST.format(cats=", ".join(plans[i][1])),
                            lambda i, r: (parse_prompts(r, plans[i][1]), "llm_unparseable"),
@@ -766,12 +972,17 @@ def render(pipe, cfg, prompts, seeds, size, images=None, guidance=3.5):
     return pipe(**kw).images
 
 
-def phase_scene(cfg, out, ids, rows, device):
-    """Stage A step 3: FLUX.1-dev renders each scene prompt -> the target (before any edit)."""
+def load_t2i_pipe(cfg, device):
     from diffusers import FluxPipeline
 
     pipe = FluxPipeline.from_pretrained(resolve_model(cfg.t2i, cfg.tiny_dir), dtype=model_dtype(device)).to(device)
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def phase_scene(cfg, out, ids, rows, device, models):
+    """Stage A step 3: FLUX.1-dev renders each scene prompt -> the target (before any edit)."""
+    pipe = models.get("t2i", load_t2i_pipe, cfg, device)
     for chunk in chunks(ids, cfg.gen_batch):
         seeds = [draw_seed(cfg.seed, i + cfg.id_offset, "scene") for i in chunk]
         ims = render(pipe, cfg, [rows[i]["scene"] for i in chunk], seeds, (cfg.resolution, cfg.resolution),
@@ -787,7 +998,8 @@ def detect_and_filter(cfg, detector, paths, cats_of):
     for chunk in chunks(list(zip(paths, cats_of)), cfg.detect_batch):
         ims = [open_rgb(p) for p, _ in chunk]
         for im, (_, cats), det in zip(ims, chunk, detector(ims, [c for _, c in chunk])):
-            out.append(filter_boxes(det, cats, im.size, cfg.exact_once, cfg.min_box_frac, cfg.nms_iou))
+            out.append(filter_boxes(det, cats, im.size, cfg.exact_once, cfg.min_box_frac, cfg.nms_iou,
+                                    cfg.max_pair_iou))
     return out
 
 
@@ -797,9 +1009,9 @@ def load_detector(cfg, device):
     return rewards.Detector(cfg.detector, device, cfg.box_threshold, cfg.text_threshold, cfg.tiny_dir)
 
 
-def phase_detect(cfg, out, ids, rows, stats, device):
+def phase_detect(cfg, out, ids, rows, stats, device, models):
     """Stage A step 4 and our filters: each category found once (after NMS), its box not tiny."""
-    detector = load_detector(cfg, device)
+    detector = models.get("detector", load_detector, cfg, device)
     for i, (boxes, why) in zip(ids, detect_and_filter(cfg, detector, [scene_path(out, i) for i in ids],
                                                       [rows[i]["cats"] for i in ids])):
         if boxes is None:
@@ -809,20 +1021,26 @@ def phase_detect(cfg, out, ids, rows, stats, device):
 
 
 def crop_of(scene, box):
-    from rewards import crop
-
-    return crop(scene, box)
+    """The subject's crop (clip_box); filter_boxes dropped every box that leaves nothing."""
+    b = clip_box(box, scene.size)
+    if b is None:
+        raise ValueError(f"box {box} lies outside the {scene.size} image")
+    return scene.crop(b)
 
 
 def crop_dims(box, size):
-    """The size crop_of gives for `box` in an image of `size`, without the image (the same crop_box)."""
-    from rewards import crop_box
-
-    b = crop_box(box, size)
-    return (b[2] - b[0], b[3] - b[1]) if b is not None else tuple(size)
+    """The size crop_of gives for `box` in an image of `size`, without the image."""
+    b = clip_box(box, size)
+    return b[2] - b[0], b[3] - b[1]
 
 
-def phase_reference(cfg, out, ids, rows, boxes, kontext, stats, device):
+def load_dino(cfg, device):
+    import rewards
+
+    return rewards.DinoEmbedder(cfg.dino, device, cfg.tiny_dir)
+
+
+def phase_reference(cfg, out, ids, rows, boxes, kontext, stats, device, models):
     """Stage A step 5: Kontext re-renders each crop in its own new context, at the crop's aspect
     ratio. Crops of one input size share a batch. Then our DINO filter: a reference must still
     look like its crop."""
@@ -843,7 +1061,7 @@ def phase_reference(cfg, out, ids, rows, boxes, kontext, stats, device):
                          cfg.edit_guidance)
             for (i, k), im in zip(chunk, ims):
                 save_png(ref_path(out, i, k), im)
-    embed = rewards.DinoEmbedder(cfg.dino, device, cfg.tiny_dir)
+    embed = models.get("dino", load_dino, cfg, device)
     for i in ids:
         scene = open_rgb(scene_path(out, i))
         refs = [open_rgb(ref_path(out, i, k)) for k in range(len(boxes[i]))]
@@ -854,7 +1072,7 @@ def phase_reference(cfg, out, ids, rows, boxes, kontext, stats, device):
             record(out, "reference", {"index": i, "dino": [round(x, 4) for x in sims]})
 
 
-def phase_edit(cfg, out, ids, rows, kontext, stats, device):
+def phase_edit(cfg, out, ids, rows, kontext, stats, device, models):
     """Stage B step 7: Kontext applies the chosen edit to the scene (and for `complex` the new
     background); the edited image is detected again, so a subject the edit removed or doubled drops
     and the boxes describe the edited target."""
@@ -870,7 +1088,7 @@ def phase_edit(cfg, out, ids, rows, kontext, stats, device):
         for i, im in zip(chunk, ims):
             save_png(edit_path(out, i), im)
     if edited:
-        redetect_edits(cfg, out, edited, rows, load_detector(cfg, device), stats)
+        redetect_edits(cfg, out, edited, rows, models.get("detector", load_detector, cfg, device), stats)
 
 
 def redetect_edits(cfg, out, ids, rows, detector, stats):
@@ -883,10 +1101,10 @@ def redetect_edits(cfg, out, ids, rows, detector, stats):
             record(out, "edit", {"index": i, "edited": True, "boxes": boxes})
 
 
-def phase_instruction(cfg, out, ids, state, stats, device):
+def phase_instruction(cfg, out, ids, state, stats, device, models):
     """Stage B step 8: the VLM sees the final target (and is told the edit, which it must state) and
     writes the instruction; the leak check rewrites or drops it. Kept samples are written out."""
-    vlm = text_model(cfg, "vlm", device)
+    vlm = models.get("vlm", text_model, cfg, "vlm", device)
 
     def target(i):
         return open_rgb(edit_path(out, i) if state[i]["edited"] else scene_path(out, i))
@@ -895,10 +1113,13 @@ def phase_instruction(cfg, out, ids, state, stats, device):
         s = state[i]
         return INSTRUCTION_REQUEST.format(cats=", ".join(s["cats"]), focus=focus_for(s["task"], s["edit"]))
 
+    def edit_text(i):
+        return editor_instruction(state[i]["edit"]) if state[i]["edit"] else ""
+
     def judge(i, reply):
         s = state[i]
         looks = appearance_words([s["scene"]] + s["subject_prompts"], s["cats"])
-        return check_instruction(reply, s["cats"], looks, editor_instruction(s["edit"]) if s["edit"] else "")
+        return check_instruction(reply, s["cats"], looks, edit_text(i), own=own_looks(s["subject_prompts"], s["cats"]))
 
     def template(i):
         s = state[i]
@@ -912,17 +1133,28 @@ def phase_instruction(cfg, out, ids, state, stats, device):
         return value, why
 
     result = ask_until_ok(cfg, vlm, ids, request, judged, template, "vlm", stats, image=target)
+    # the second layer: the VLM itself is asked whether the instruction describes a subject's look
+    # (a template VLM writes no looks; the lexical layer alone judges it)
+    passed = [i for i in ids if i in result and verdicts[i] in ("ok", "rewritten")]
+    answers = {}
+    if cfg.leak_question and vlm.spec != "template":
+        answers = ask_until_ok(cfg, vlm, passed, lambda i: leak_question(result[i], state[i]["cats"], edit_text(i)),
+                               lambda i, r: (parse_yes_no(r), "vlm_leak_unparseable"), None, "vlm_leak", stats,
+                               image=target)
     shard_file = Path(out) / f"samples.rank{rank():03d}.jsonl"
     for i in ids:
-        if i not in result:
+        if i not in result or (answers and i in passed and i not in answers):
             continue  # endpoint down: deferred
         s = state[i]
         if verdicts[i] not in ("ok", "rewritten"):
             drop(out, i, "instruction", result[i], stats)
             continue
+        if isinstance(answers.get(i), str) or answers.get(i) is True:
+            drop(out, i, "instruction", "vlm_says_appearance" if answers[i] is True else answers[i], stats)
+            continue
         meta = {"source": "models", "scene_prompt": s["scene"], "subject_prompts": s["subject_prompts"],
                 "boxes": [[round(v, 1) for v in b] for b in s["boxes"]], "dino": s["dino"], "edit": s["edit"],
-                "instruction_check": verdicts[i]}
+                "instruction_check": verdicts[i], "vlm_leak_answer": {True: "yes", False: "no"}.get(answers.get(i))}
         refs = [open_rgb(ref_path(out, i, k)) for k in range(len(s["cats"]))]
         write_sample(out, sample_id(cfg, s["task"], i), s["task"], result[i], [{"category": c} for c in s["cats"]],
                      target(i), refs, meta, shard_file)
@@ -939,9 +1171,40 @@ def load_kontext_pipe(cfg, device):
     return pipe.to(device)
 
 
-def run_round(cfg, out, mine, pool, stats, device):
+class Resident:
+    """Each phase's model, loaded once and kept across rounds (ours; a run used to load every phase's
+    model again each round, about 7 loads a round of 256 ids a rank). keep_models: yes keeps them
+    all; no frees a model when its phase ends, so the phases fit one GPU one at a time; auto keeps
+    them until a load runs out of GPU memory, then frees each after its phase for the rest of the run."""
+
+    def __init__(self, keep):
+        self.keep, self.loaded = keep, {}
+
+    def get(self, name, load, *args):
+        if name not in self.loaded:
+            try:
+                model = load(*args)
+            except torch.cuda.OutOfMemoryError:
+                if self.keep != "auto" or not self.loaded:
+                    raise
+                print(f"[make_data] GPU memory ran out loading {name}: each phase's model is freed after it from now on")
+                self.keep, self.loaded = "no", {}
+                release()
+                model = load(*args)
+            self.loaded[name] = model
+        return self.loaded[name]
+
+    def done(self, *names):
+        """The phase that used these models is over: freed unless models are kept."""
+        if self.keep == "no":
+            for name in names:
+                self.loaded.pop(name, None)
+            release()
+
+
+def run_round(cfg, out, mine, pool, stats, device, models):
     """Every phase over this rank's ids of the round; each phase takes the ids the previous one passed.
-    Kontext stays loaded for references and edits; every other model lives for its phase only."""
+    Models stay loaded across phases and rounds as keep_models says (Resident)."""
     dropped = dropped_indices(out)
     live = [i for i in mine if i not in dropped]
 
@@ -950,28 +1213,34 @@ def run_round(cfg, out, mine, pool, stats, device):
         return [i for i in live if i not in done and (prev is None or i in prev) and i not in stats["deferred"]]
 
     ids = pending("prompts", None)
-    timed(stats, "prompts", len(ids), phase_prompts, cfg, out, ids, pool, stats, device)
+    timed(stats, "prompts", len(ids), phase_prompts, cfg, out, ids, pool, stats, device, models)
+    models.done("llm")
     rows = phase_rows(out, "prompts")
     ids = pending("scene", "prompts")
-    timed(stats, "scene", len(ids), phase_scene, cfg, out, ids, rows, device)
+    timed(stats, "scene", len(ids), phase_scene, cfg, out, ids, rows, device, models)
+    models.done("t2i")
     ids = pending("detect", "scene")
-    timed(stats, "detect", len(ids), phase_detect, cfg, out, ids, rows, stats, device)
+    timed(stats, "detect", len(ids), phase_detect, cfg, out, ids, rows, stats, device, models)
+    models.done("detector")
     ref_ids, boxes = pending("reference", "detect"), {i: r["boxes"] for i, r in phase_rows(out, "detect").items()}
     kontext = None
     if ref_ids or any(rows[i]["edit"] for i in pending("edit", "reference")):
         # loading Kontext counts to the references, the first phase that uses it
-        kontext = timed(stats, "reference", None, load_kontext_pipe, cfg, device)
-    timed(stats, "reference", len(ref_ids), phase_reference, cfg, out, ref_ids, rows, boxes, kontext, stats, device)
+        kontext = timed(stats, "reference", None, models.get, "kontext", load_kontext_pipe, cfg, device)
+    timed(stats, "reference", len(ref_ids), phase_reference, cfg, out, ref_ids, rows, boxes, kontext, stats, device,
+          models)
+    models.done("dino")
     ids = pending("edit", "reference")
-    timed(stats, "edit", len(ids), phase_edit, cfg, out, ids, rows, kontext, stats, device)
+    timed(stats, "edit", len(ids), phase_edit, cfg, out, ids, rows, kontext, stats, device, models)
     del kontext
-    release()
+    models.done("kontext", "detector")
     kept = kept_indices(out, cfg)
     ids = [i for i in pending("instruction", "edit") if i not in kept]
     det, ref, edit = phase_rows(out, "detect"), phase_rows(out, "reference"), phase_rows(out, "edit")
     state = {i: {**rows[i], "boxes": edit[i].get("boxes", det[i]["boxes"]), "dino": ref[i]["dino"],
                  "edited": edit[i]["edited"]} for i in ids}
-    timed(stats, "instruction", len(ids), phase_instruction, cfg, out, ids, state, stats, device)
+    timed(stats, "instruction", len(ids), phase_instruction, cfg, out, ids, state, stats, device, models)
+    models.done("vlm")
 
 
 def next_block(n, kept, dropped, deferred, size, limit):
@@ -1015,6 +1284,7 @@ def make_models(cfg, out, device):
     token = run_token()
     stats = {"seconds": {}, "items": {}, "peak_gb": {}, "drops": {}, "made": 0, "deferred": set()}
     limit = int(math.ceil(cfg.n_samples * cfg.max_draws))
+    models = Resident(cfg.keep_models)
     for r in range(10 ** 9):
         deferred = set()
         for p in work(out, "deferred").glob(f"{token}.rank*.json"):
@@ -1024,7 +1294,7 @@ def make_models(cfg, out, device):
         file_barrier(out, f"{token}-plan{r}")  # every rank planned from the same files before any writes
         if not block:
             break
-        run_round(cfg, out, block[rank()::world()], pool, stats, device)
+        run_round(cfg, out, block[rank()::world()], pool, stats, device, models)
         write_json(work(out, "deferred", f"{token}.rank{rank():03d}.json"), sorted(stats["deferred"]))
         file_barrier(out, f"{token}-round{r}")
     write_json(work(out, "stats", f"{token}.rank{rank():03d}.json"), {**stats, "deferred": sorted(stats["deferred"])})
@@ -1040,6 +1310,210 @@ def make_models(cfg, out, device):
         total["made"] += s["made"]
         total["deferred"] += s["deferred"]
     return total
+
+
+# ----------------------------------------------------------------------------------------------
+# Every knob and path checked before any model loads or anything is written: each failure is one
+# line naming the knob or the file (a missing --detector used to fail after a whole round of T2I).
+
+MODEL_FILES = {"model": ("model_index.json",), "t2i": ("model_index.json",),
+               "detector": ("config.json", "detector.json"), "dino": ("config.json",),
+               "llm": ("config.json",), "vlm": ("config.json",)}
+
+
+def looks_like_path(name):
+    return name.startswith(("/", ".", "~")) or os.sep + os.sep in name or name.count("/") > 1
+
+
+def model_problem(knob, name):
+    """Why model `name` given to --knob cannot load (None when it can): a local folder must exist and
+    hold its config; a hub id must have the form owner/name, and be in the local hub cache when
+    HF_HUB_OFFLINE is set (else it is downloaded at load time)."""
+    if name == "tiny":
+        return None
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            return f"--{knob} {name}: not a folder"
+        if not any((path / f).exists() for f in MODEL_FILES[knob]):
+            return f"--{knob} {name}: the folder has no {' or '.join(MODEL_FILES[knob])}"
+        return None
+    import re
+
+    if looks_like_path(name) or not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        return f"--{knob} {name}: no such folder (and not a hub id owner/name)"
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        from huggingface_hub import try_to_load_from_cache
+
+        if not any(isinstance(try_to_load_from_cache(name, f), str) for f in MODEL_FILES[knob]):
+            return f"--{knob} {name}: not a local folder, and not in the hub cache (HF_HUB_OFFLINE is set)"
+    return None
+
+
+def text_model_problem(knob, spec):
+    if spec == "template" or spec.startswith(("http://", "https://")):
+        from urllib.parse import urlparse
+
+        return None if spec == "template" or urlparse(spec).netloc else f"--{knob} {spec}: a URL without a host"
+    return model_problem(knob, spec)
+
+
+def read_category_file(path):
+    """The lines of the category pool, or (None, the one-line reason)."""
+    p = Path(path) if Path(path).is_absolute() else ROOT / path
+    if not p.is_file():
+        return None, f"--categories {p}: no such file"
+    try:
+        return p.read_bytes().decode("utf-8"), None
+    except UnicodeDecodeError:
+        return None, f"--categories {p}: not UTF-8 text (one category name a line)"
+
+
+def config_problems(cfg):
+    """One line per bad knob or path; empty when all is well."""
+    bad = []
+
+    def need(ok, line):
+        if not ok:
+            bad.append(line)
+
+    finite = lambda x: isinstance(x, (int, float)) and math.isfinite(x)  # noqa: E731
+    need(cfg.n_samples >= 1, f"--n_samples {cfg.n_samples}: must be at least 1")
+    need(cfg.resolution >= 16 and cfg.resolution % 16 == 0,
+         f"--resolution {cfg.resolution}: must be a positive multiple of 16 (VAE 8x, then 2x2 packing)")
+    mix = tuple(cfg.task_mix)
+    if len(mix) != len(TASKS):
+        bad.append(f"--task_mix {','.join(map(str, mix))}: {len(mix)} weights given, {len(TASKS)} needed "
+                   f"(one per task: {', '.join(TASKS)})")
+    else:
+        need(all(finite(w) and w >= 0 for w in mix) and sum(mix) > 0,
+             f"--task_mix {','.join(map(str, mix))}: weights must be finite, >= 0, not all 0")
+    need(cfg.seed >= 0, f"--seed {cfg.seed}: must be >= 0")
+    need(cfg.id_offset >= 0, f"--id_offset {cfg.id_offset}: must be >= 0")
+    need(cfg.max_text_len >= 1, f"--max_text_len {cfg.max_text_len}: must be at least 1")
+    need(cfg.preview >= 0, f"--preview {cfg.preview}: must be >= 0")
+    import re
+
+    need(re.fullmatch(r"|cpu|mps|cuda(:\d+)?", cfg.device) is not None,
+         f"--device {cfg.device!r}: one of cpu, cuda, cuda:N, mps (empty: cuda when there is one)")
+    if cfg.cache or cfg.source == "models":
+        bad.append(model_problem("model", cfg.model))
+    if cfg.source == "models":
+        text, why = read_category_file(cfg.categories)
+        if why:
+            bad.append(why)
+        else:
+            names = {category_name(ln.split("#")[0].strip()) for ln in text.splitlines()
+                     if ln.split("#")[0].strip() and not ln.startswith("#")}
+            most = max((n for t, n in zip(TASKS, (2, 2, 2, 2, 2, 3, 4)) if len(mix) == len(TASKS)
+                        and mix[TASKS.index(t)] > 0), default=2)
+            need(len(names) >= most, f"--categories {cfg.categories}: {len(names)} distinct categories; "
+                                     f"the task mix draws up to {most} per sample")
+        bad += [text_model_problem("llm", cfg.llm), text_model_problem("vlm", cfg.vlm)]
+        bad += [model_problem(k, getattr(cfg, k)) for k in ("t2i", "detector", "dino")]
+        for knob in ("box_threshold", "text_threshold", "nms_iou", "max_pair_iou", "min_box_frac"):
+            v = getattr(cfg, knob)
+            need(finite(v) and 0 <= v <= 1, f"--{knob} {v}: must be between 0 and 1")
+        need(finite(cfg.min_dino), f"--min_dino {cfg.min_dino}: must be a number")
+        for knob in ("gen_steps", "gen_batch", "detect_batch", "text_batch", "round_size", "llm_retries",
+                     "endpoint_retries"):
+            need(getattr(cfg, knob) >= 1, f"--{knob} {getattr(cfg, knob)}: must be at least 1")
+        for knob in ("t2i_guidance", "edit_guidance", "endpoint_backoff"):
+            v = getattr(cfg, knob)
+            need(finite(v) and v >= 0, f"--{knob} {v}: must be >= 0")
+        need(finite(cfg.max_draws) and cfg.max_draws >= 1, f"--max_draws {cfg.max_draws}: must be at least 1")
+        need(cfg.keep_models in ("auto", "yes", "no"), f"--keep_models {cfg.keep_models}: one of auto, yes, no")
+    return [b for b in bad if b]
+
+
+def check_config(cfg):
+    bad = config_problems(cfg)
+    if bad:
+        raise SystemExit("[make_data] bad input:\n" + "\n".join(bad))
+
+
+# ----------------------------------------------------------------------------------------------
+# The cache's size, said before it is written (DESIGN 2.1: per sample a target latent, one latent per
+# reference, the T5 sequence padded to max_text_len and the CLIP pooled vector) and measured after.
+
+def model_config(name, sub, tiny_dir):
+    """config.json of component `sub` of a local folder, the tiny model or a hub id in the hub cache; or None."""
+    path = Path(resolve_model(name, tiny_dir)).expanduser() / sub / "config.json"
+    if not path.exists():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(name, f"{sub}/config.json")
+        except Exception:  # not a hub id either
+            found = None
+        if not isinstance(found, str):
+            return None
+        path = Path(found)
+    return json.loads(path.read_text())
+
+
+def cache_shapes(cfg, device):
+    """The shapes and element size of the tensors build_cache writes for one sample, from the model's
+    configs (FLUX.1 Kontext's own numbers where a config is not on this machine), and the mean
+    number of references the task mix gives."""
+    vae = model_config(cfg.model, "vae", cfg.tiny_dir) or {"latent_channels": 16, "block_out_channels": [0] * 4}
+    t5 = model_config(cfg.model, "text_encoder_2", cfg.tiny_dir) or {"d_model": 4096}
+    clip = model_config(cfg.model, "text_encoder", cfg.tiny_dir) or {"hidden_size": 768}
+    side = cfg.resolution // 2 ** (len(vae["block_out_channels"]) - 1)
+    counts = [{"three": 3, "four": 4}.get(t, 2) for t in TASKS]
+    return {"target": (vae["latent_channels"], side, side), "ref": (vae["latent_channels"], side, side),
+            "t5": (cfg.max_text_len, t5["d_model"]), "clip": (clip["hidden_size"],),
+            "refs_per_sample": sum(w * n for w, n in zip(cfg.task_mix, counts)) / sum(cfg.task_mix),
+            "bytes_per_element": torch.tensor([], dtype=model_dtype(device)).element_size()}
+
+
+def cache_bytes(shapes):
+    """{part: bytes per sample} by arithmetic from the shapes (references keep their crop's aspect
+    ratio at about the target's area, so theirs is about the target's each)."""
+    b = shapes["bytes_per_element"]
+    parts = {"target": math.prod(shapes["target"]) * b,
+             "refs": round(shapes["refs_per_sample"] * math.prod(shapes["ref"]) * b),
+             "t5": math.prod(shapes["t5"]) * b, "clip": math.prod(shapes["clip"]) * b}
+    return {**parts, "total": sum(parts.values())}
+
+
+def human(n):
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.2f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+
+
+def say_cache_size(cfg, device, paper_scale=350000):
+    shapes = cache_shapes(cfg, device)
+    per = cache_bytes(shapes)
+    x = "x".join
+    print(f"[make_data] cache: {per['total']} bytes a sample ({human(per['total'])}) = {shapes['bytes_per_element']} "
+          f"bytes x (target {x(map(str, shapes['target']))} + {shapes['refs_per_sample']:.2f} refs of about "
+          f"{x(map(str, shapes['ref']))} + t5 {x(map(str, shapes['t5']))} + clip {x(map(str, shapes['clip']))}); "
+          f"{cfg.n_samples} samples: {human(per['total'] * cfg.n_samples)}, {paper_scale} (the paper's scale): "
+          f"{human(per['total'] * paper_scale)}; images (PNG) not counted")
+    return per
+
+
+def measured_cache_bytes(out, samples):
+    """{part: mean bytes per sample} over the tensors the cache shards hold for `samples`, read from
+    the safetensors headers (8-byte length, then JSON with each tensor's data offsets)."""
+    cache = Path(out) / "cache"
+    manifest = json.loads((cache / "manifest.json").read_text())
+    wanted = {s["id"] for s in samples}
+    parts, n = {"target": 0, "refs": 0, "t5": 0, "clip": 0}, set()
+    for shard in manifest["shards"]:
+        with open(cache / shard, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        for key, meta in header.items():
+            sid, _, part = key.rpartition("/")
+            if key == "__metadata__" or sid not in wanted:
+                continue
+            n.add(sid)
+            parts["refs" if part.startswith("ref") else part] += meta["data_offsets"][1] - meta["data_offsets"][0]
+    parts = {k: round(v / max(len(n), 1)) for k, v in parts.items()}
+    return {**parts, "total": sum(parts.values()), "samples": len(n)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1095,11 +1569,28 @@ def models_manifest(stats, samples, out):
             "peak_gpu_gb": {k: round(v, 2) for k, v in stats["peak_gb"].items()}}
 
 
+def record_cache_size(cfg, out, samples, m, predicted):
+    """Prints the bytes per sample the shards hold against the prediction, and how many instructions
+    T5 truncates at max_text_len; a models run adds both to manifest.json."""
+    measured = measured_cache_bytes(out, samples)
+    t5_len = min(cfg.max_text_len, m.t5_tok.model_max_length)
+    truncated = sum(len(ids) > t5_len for ids in m.t5_tok([s["instruction"] for s in samples]).input_ids)
+    print(f"[make_data] cache written: {measured['total']} bytes a sample ({human(measured['total'])}; "
+          f"predicted {predicted['total']}); by part {measured}; {truncated} of {len(samples)} instructions "
+          f"longer than {t5_len} T5 tokens (truncated)")
+    path = Path(out) / "manifest.json"
+    if cfg.source == "models" and path.exists():
+        write_json(path, {**json.loads(path.read_text()), "cache_bytes_per_sample": measured,
+                          "cache_bytes_predicted": predicted, "t5_truncated": truncated})
+
+
 def main(cfg):
     draw = None if cfg.source == "models" else load_named(cfg.source, "--source")  # a bad name stops here
+    check_config(cfg)  # before any model loads or any file is written
     device = setup_dist(cfg.device)
     out = data_dir(cfg) if not cfg.out else Path(cfg.out)
     print_config(cfg, "make_data", out)
+    predicted = say_cache_size(cfg, device) if cfg.cache and rank() == 0 else None
     ensure_writable(out, "make_data")
     open_run(out, cfg, "make_data", extend=("n_samples", "max_draws"))
     t0 = time.time()
@@ -1122,6 +1613,8 @@ def main(cfg):
         t1 = time.time()
         build_cache(m, out, samples, cfg.resolution, cfg.max_text_len)
         cache_s = time.time() - t1
+        if rank() == 0:
+            record_cache_size(cfg, out, samples, m, predicted)
     if rank() == 0:
         counts = {t: sum(s["task"] == t for s in samples) for t in TASKS}
         print(f"[make_data] {len(samples)} samples in {out} ({made} made this run, "
