@@ -11,8 +11,10 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 .PHONY: test tiny shapes shapes-ablation
+# --durations: wall seconds of the slowest tests; --cpu-durations (tests/conftest.py): CPU seconds, which
+# other jobs on the machine change much less.
 test: $(VENV)/.installed
-	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+	TRITON_INTERPRET=1 $(PY) -m pytest -q --durations=25 --cpu-durations=25 tests
 
 tiny: $(VENV)/.installed
 	@set -e; total=0; for stage in make_data sft rl bench; do \

@@ -95,7 +95,7 @@ class Config(RewardConfig):
     refs: str = ""                # own subjects: comma list of 1 to 4 (MAX_REFS) reference images, one per subject
     prompt: str = ""              # own subjects: the instruction
     seeds: tuple = (0, 1, 2, 3)   # own subjects: one image per seed (each seed's noise is drawn alone)
-    gen_batch: int = 4            # own subjects: seeds sampled at once
+    gen_batch: int = 4            # images sampled at once: benchmark items (fixed chunks), own subjects' seeds
     categories: str = ""          # own subjects: the detector's name for each reference, in order (for --score)
     score: bool = False           # own subjects: score every image with the preset's reward mix
 
@@ -281,28 +281,68 @@ def claim_images(cfg, out, loras):
     barrier()
 
 
+def generation_chunks(cfg, bench):
+    """The benchmark's items in fixed chunks of at most cfg.gen_batch consecutive items of one subset.
+    Fixed by the benchmark alone, so an image is always made in the same batch, on a rerun and on any
+    number of ranks (the batch an image shares changes float rounding only, never which image)."""
+    return [[(s, i, bench[s][i]) for i in range(k, min(k + cfg.gen_batch, len(bench[s])))]
+            for s in bench for k in range(0, len(bench[s]), cfg.gen_batch)]
+
+
+def generate_chunk(m, cfg, chunk, refs):
+    """Images of one chunk: items whose references share count and sizes are sampled as one batch;
+    each item's noise is drawn alone from its own seed (cfg.seed + index), as sft.generate draws it."""
+    groups = {}
+    for k, r in enumerate(refs):
+        groups.setdefault(tuple(im.size for im in r), []).append(k)
+    images, f = [None] * len(chunk), m.vae_factor
+    c = m.transformer.config.in_channels // 4
+    for ks in groups.values():
+        t5, pooled = common.encode_text(m, [chunk[k][2]["instruction"] for k in ks], cfg.max_text_len)
+        ref_tokens, hws = sft.prepare_refs(m, [refs[k] for k in ks], cfg.resolution, cfg.resolution)
+        noise = torch.cat([sft.initial_noise(1, c, cfg.resolution // f, cfg.resolution // f, cfg.seed + chunk[k][1],
+                                             m.device, torch.float32) for k in ks])  # [b, C, H/f, W/f]
+        lat = sft.sample_latents(m, t5, pooled, ref_tokens, hws, cfg.resolution, cfg.resolution, None, cfg.steps,
+                                 cfg.guidance, cfg.pe, noise=noise)
+        for k, image in zip(ks, common.tensor_to_pil(common.decode_latents(m, lat))):
+            images[k] = image
+    return images
+
+
 def generate_all(cfg, bench, folder, out, loras, device):
+    """Generates the missing images, cfg.gen_batch items a batch; a chunk with a missing image is
+    sampled whole and only its missing images are written."""
     claim_images(cfg, out, loras)
-    todo = [(s, i, it) for s in bench for i, it in enumerate(bench[s])
-            if not result_path(cfg, out, s, i, it).exists()]
-    mine = todo[rank():: world()]
+    todo = [[(s, i, it, not result_path(cfg, out, s, i, it).exists()) for s, i, it in chunk]
+            for chunk in generation_chunks(cfg, bench)]
+    mine = [chunk for chunk in todo if any(missing for *_, missing in chunk)][rank():: world()]
     if not mine:
         return 0
     m = load_model(cfg, loras, device)
     made = 0
-    for subset, i, item in tqdm(mine, desc="generate", disable=rank() != 0):
-        try:
-            refs = [common.open_image(folder, p, f"{subset}[{i}]") for p in item["input_path"]]
-            if cfg.stitch_refs:
-                refs = [stitch(refs)]
-            image = sft.generate(m, [item["instruction"]], [refs], cfg.resolution, cfg.resolution, cfg.steps,
-                                 cfg.guidance, cfg.seed + i, cfg.pe, cfg.max_text_len)[0]
-        except Exception as e:  # the item is listed as failed when scored (no image); the others go on
-            print(f"[bench] {subset}[{i}] cannot be generated ({type(e).__name__}: {e}): listed as failed")
+    for chunk in tqdm(mine, desc="generate", disable=rank() != 0):
+        ok, refs = [], []  # an item whose references cannot be read is listed as failed when scored
+        for subset, i, item, missing in chunk:
+            try:
+                r = [common.open_image(folder, p, f"{subset}[{i}]") for p in item["input_path"]]
+            except Exception as e:
+                print(f"[bench] {subset}[{i}] cannot be generated ({type(e).__name__}: {e}): listed as failed")
+                continue
+            ok.append((subset, i, item, missing))
+            refs.append([stitch(r)] if cfg.stitch_refs else r)
+        if not ok:
             continue
-        save_png(result_path(cfg, out, subset, i, item), image)
-        made += 1
-        common.maybe_die("bench", made)
+        try:
+            images = generate_chunk(m, cfg, ok, refs)
+        except Exception as e:  # the chunk's items are listed as failed; the others go on
+            print(f"[bench] {', '.join(f'{s}[{i}]' for s, i, _, _ in ok)} cannot be generated "
+                  f"({type(e).__name__}: {e}): listed as failed")
+            continue
+        for (subset, i, item, missing), image in zip(ok, images):
+            if missing:
+                save_png(result_path(cfg, out, subset, i, item), image)
+                made += 1
+                common.maybe_die("bench", made)
     return made
 
 
@@ -951,6 +991,8 @@ def own_subjects(cfg):
 def main(cfg):
     if cfg.refs or cfg.prompt:  # your own subjects (the section above)
         return own_subjects(cfg)
+    if cfg.gen_batch < 1:
+        raise SystemExit(f"[bench] --gen_batch must be at least 1; got {cfg.gen_batch}")
     if ";" in cfg.lora:
         raise SystemExit("[bench] --lora given more than once: several models side by side is the --refs mode; "
                          "a PSRBench run benches one model (one run per model, then --compare)")

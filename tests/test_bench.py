@@ -547,3 +547,25 @@ def test_scores_are_kept_per_item_and_a_resumed_run_scores_only_what_is_missing(
     assert (tmp_path / "b" / "items.json").read_text() == (straight / "items.json").read_text()
     a, b = (json.loads((p / "scores.json").read_text()) for p in (tmp_path / "b", straight))
     assert a["subsets"] == b["subsets"] and a["overall"] == b["overall"]
+
+
+def test_batched_generation_is_each_item_alone(tmp_path, psrbench, tiny_dir):
+    """--gen_batch 4 samples PSRBench items in fixed chunks, each item from its own seed's noise: the
+    images are those of one item at a time (--gen_batch 1, sft.generate's computation), up to float
+    rounding (at most one level of 255 on a few pixels); the chunks never depend on what is done."""
+    import numpy as np
+    from PIL import Image
+
+    subsets = ("--subsets", "Action,Four")
+    run(tmp_path, tiny_dir, "--psrbench", str(psrbench), "--out", str(tmp_path / "one"), "--gen_batch", "1", *subsets)
+    run(tmp_path, tiny_dir, "--psrbench", str(psrbench), "--out", str(tmp_path / "four"), "--gen_batch", "4", *subsets)
+    ones = sorted((tmp_path / "one" / "images").rglob("*.png"))
+    assert len(ones) == 4
+    for p in ones:
+        a = np.asarray(Image.open(p).convert("RGB")).astype(int)
+        b = np.asarray(Image.open(tmp_path / "four" / p.relative_to(tmp_path / "one")).convert("RGB")).astype(int)
+        assert np.abs(a - b).max() <= 1 and (a != b).mean() < 0.01, p
+    cfg = common.parse_config(bench.Config, "bench", ["--preset", "tiny", "--gen_batch", "3"])
+    items = {"Action": list(range(5)), "Four": list(range(2))}
+    assert [[(s, i) for s, i, _ in c] for c in bench.generation_chunks(cfg, items)] == \
+        [[("Action", 0), ("Action", 1), ("Action", 2)], [("Action", 3), ("Action", 4)], [("Four", 0), ("Four", 1)]]

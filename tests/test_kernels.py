@@ -249,8 +249,12 @@ def test_gpu_check_runs_small_on_cpu(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "out"
+    # The script's per-part limits (80-110 s, 470 in all) are sized for the GPU. At toy size a part
+    # takes about 8 CPU seconds, but on a CPU that other jobs share its wall time grows without bound
+    # (measured: 195-303 s a part at load 11). 600 s a part still fails a part that hangs.
+    limits = {k: "600" for k in ("T_TESTS", "T_BENCH", "T_SFT", "T_RL", "T_REWARDS")}
     env = {**os.environ, "GPU_CHECK_SMALL": "1", "OUT": str(out), "WORK": str(tmp_path / "work"),
-           "PYTHON": sys.executable}
+           "PYTHON": sys.executable, **limits, "BUDGET": "3000"}
     res = subprocess.run(["bash", str(root / "kernels" / "gpu_check.sh")], capture_output=True, text=True, cwd=root,
                          env=env)
     assert res.returncode == 0, res.stdout[-3000:]

@@ -389,29 +389,35 @@ def dataset_state(out):
     return rows, files, tensors
 
 
-def test_killed_run_rerun_equals_uninterrupted(tmp_path, tiny_dir):
-    a = run_md(tmp_path, tmp_path / "a", "--tiny_dir", tiny_dir)
-    assert a.returncode == 0, a.stderr[-2000:]
+@pytest.fixture(scope="module")
+def md_one(tmp_path_factory, tiny_dir):
+    """One uninterrupted one-process run_md: the reference of the resume and two-rank tests, made once."""
+    tmp = tmp_path_factory.mktemp("md-one")
+    res = run_md(tmp, tmp / "one", "--tiny_dir", tiny_dir)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return tmp / "one"
+
+
+def test_killed_run_rerun_equals_uninterrupted(tmp_path, tiny_dir, md_one):
     kill_at = random.randint(1, 9)  # a random point after some work
     b = run_md(tmp_path, tmp_path / "b", "--tiny_dir", tiny_dir, die=f"make_data:{kill_at}")
     assert b.returncode != 0, kill_at
     assert not list((tmp_path / "b").rglob("*.tmp"))  # no half-written file left behind
     b = run_md(tmp_path, tmp_path / "b", "--tiny_dir", tiny_dir)
     assert b.returncode == 0, b.stderr[-2000:]
-    ra, fa, ta = dataset_state(tmp_path / "a")
+    ra, fa, ta = dataset_state(md_one)
     rb, fb, tb = dataset_state(tmp_path / "b")
     assert ra == rb and len({r["id"] for r in rb}) == len(rb) == 10
     assert fa.keys() == fb.keys() and all(fa[k] == fb[k] for k in fa)
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
-def test_two_ranks_make_the_same_ids_and_cache(tmp_path, tiny_dir):
+def test_two_ranks_make_the_same_ids_and_cache(tmp_path, tiny_dir, md_one):
     """Two ranks make the same samples, and each encodes its own share of the cache (its shards and
     part manifest), merged into one manifest that holds every id with the one-process tensors."""
-    one = run_md(tmp_path, tmp_path / "one", "--tiny_dir", tiny_dir)
     two = run_md(tmp_path, tmp_path / "two", "--tiny_dir", tiny_dir, nproc=2)
-    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
-    r1, r2 = common.read_jsonl(tmp_path / "one" / "samples.jsonl"), common.read_jsonl(tmp_path / "two" / "samples.jsonl")
+    assert two.returncode == 0, two.stderr[-2000:]
+    r1, r2 = common.read_jsonl(md_one / "samples.jsonl"), common.read_jsonl(tmp_path / "two" / "samples.jsonl")
     assert [r["id"] for r in r1] == [r["id"] for r in r2] and r1 == r2
     assert not list((tmp_path / "two").glob("samples.rank*.jsonl"))  # merged into one dataset
     cache = tmp_path / "two" / "cache"
@@ -422,7 +428,7 @@ def test_two_ranks_make_the_same_ids_and_cache(tmp_path, tiny_dir):
     assert share["manifest-r0.json"] == set(ids[0::2]) and share["manifest-r1.json"] == set(ids[1::2])
     merged = json.loads((cache / "manifest.json").read_text())["shards"]
     assert sorted(i for v in merged.values() for i in v) == sorted(ids)
-    t1, t2 = dataset_state(tmp_path / "one")[2], dataset_state(tmp_path / "two")[2]
+    t1, t2 = dataset_state(md_one)[2], dataset_state(tmp_path / "two")[2]
     assert t1.keys() == t2.keys() and all(torch.allclose(t1[k], t2[k], atol=1e-5) for k in t1)
 
 

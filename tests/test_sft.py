@@ -124,9 +124,17 @@ def run_sft(tmp, data, tiny_dir, out, *extra, die=None):
     return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, env=env)
 
 
-def test_killed_run_resumes_to_same_lora(tmp_path, tiny_data, tiny_dir):
-    straight = run_sft(tmp_path, tiny_data, tiny_dir, tmp_path / "a")
-    assert straight.returncode == 0, straight.stderr[-2000:]
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, tiny_data, tiny_dir):
+    """One uninterrupted run_sft (8 steps, one process): the reference of the resume, DDP and
+    diffusers-loading tests, made once for all of them."""
+    tmp = tmp_path_factory.mktemp("sft-straight")
+    res = run_sft(tmp, tiny_data, tiny_dir, tmp / "a")
+    assert res.returncode == 0, res.stderr[-2000:]
+    return tmp / "a"
+
+
+def test_killed_run_resumes_to_same_lora(tmp_path, tiny_data, tiny_dir, straight):
     kill_at = random.randint(1, 7)  # a random point after some work; checkpoints every 3 steps
     killed = run_sft(tmp_path, tiny_data, tiny_dir, tmp_path / "b", die=f"sft:{kill_at}")
     assert killed.returncode != 0, kill_at
@@ -136,7 +144,7 @@ def test_killed_run_resumes_to_same_lora(tmp_path, tiny_data, tiny_dir):
     resumed = run_sft(tmp_path, tiny_data, tiny_dir, tmp_path / "b")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert ("resumed from" in resumed.stdout) == (kill_at >= 3), kill_at
-    a = load_file(tmp_path / "a" / "lora" / "pytorch_lora_weights.safetensors")
+    a = load_file(straight / "lora" / "pytorch_lora_weights.safetensors")
     b = load_file(tmp_path / "b" / "lora" / "pytorch_lora_weights.safetensors")
     assert a.keys() == b.keys() and len(a) > 0
     for k in a:
@@ -145,19 +153,17 @@ def test_killed_run_resumes_to_same_lora(tmp_path, tiny_data, tiny_dir):
     assert steps == list(range(1, 9))
 
 
-def test_saved_lora_loads_through_diffusers(tmp_path, tiny_data, tiny_dir, kontext):
+def test_saved_lora_loads_through_diffusers(tiny_dir, straight):
     """The final LoRA is what diffusers' FluxKontextPipeline.load_lora_weights accepts."""
     from diffusers import FluxKontextPipeline
 
-    res = run_sft(tmp_path, tiny_data, tiny_dir, tmp_path / "r")
-    assert res.returncode == 0, res.stderr[-2000:]
     m = common.load_kontext("tiny", "cpu", torch.float32, tiny_dir)
     pipe = FluxKontextPipeline(scheduler=m.scheduler, vae=m.vae, text_encoder=m.clip, tokenizer=m.clip_tok,
                                text_encoder_2=m.t5, tokenizer_2=m.t5_tok, transformer=m.transformer)
     x = torch.randn(1, 16, 64)
     t5, pooled = common.encode_text(m, ["a star"], 16)
     before = sft.velocity(m, x, x, torch.tensor([0.5]), t5, pooled, (4, 4), [(4, 4)])
-    pipe.load_lora_weights(str(tmp_path / "r" / "lora"))
+    pipe.load_lora_weights(str(straight / "lora"))
     after = sft.velocity(m, x, x, torch.tensor([0.5]), t5, pooled, (4, 4), [(4, 4)])
     assert not torch.allclose(before, after)
 
@@ -229,16 +235,14 @@ def test_draw_batch_reference_mix():
     assert sft.draw_batch(samples, 7, 2, (0.9, 0.05, 0.05), 0) == sft.draw_batch(samples, 7, 2, (0.9, 0.05, 0.05), 0)
 
 
-def test_torchrun_two_ranks_match_one_process(tmp_path, tiny_data, tiny_dir):
+def test_torchrun_two_ranks_match_one_process(tmp_path, tiny_data, tiny_dir, straight):
     """DDP over 2 gloo ranks with the same global batch ends at the single-process LoRA."""
-    one = run_sft(tmp_path, tiny_data, tiny_dir, tmp_path / "one")
-    assert one.returncode == 0, one.stderr[-2000:]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "sft.py"),
            "--preset", "tiny", "--data", str(tiny_data), "--out", str(tmp_path / "two"), "--tiny_dir", tiny_dir,
            "--steps", "8", "--ckpt_every", "3", "--sample_every", "0", "--device", "cpu"]
     two = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
-    a = load_file(tmp_path / "one" / "lora" / "pytorch_lora_weights.safetensors")
+    a = load_file(straight / "lora" / "pytorch_lora_weights.safetensors")
     b = load_file(tmp_path / "two" / "lora" / "pytorch_lora_weights.safetensors")
     assert a.keys() == b.keys()
     for k in a:
@@ -300,11 +304,10 @@ def test_settings_travel_with_the_lora(tmp_path, tiny_data, tiny_dir):
         common.adopt_lora_settings(cfg, [lora], "bench")
 
 
-def test_lora_with_a_missing_key_is_refused(tmp_path, tiny_data, tiny_dir):
+def test_lora_with_a_missing_key_is_refused(tmp_path, tiny_dir, straight):
     from safetensors.torch import save_file
 
-    res = run_sft(tmp_path, tiny_data, tiny_dir, tmp_path / "k", "--steps", "1")
-    assert res.returncode == 0, res.stderr[-2000:]
+    shutil.copytree(straight / "lora", tmp_path / "k" / "lora")  # a saved LoRA, one key then dropped
     path = tmp_path / "k" / "lora" / "pytorch_lora_weights.safetensors"
     from safetensors import safe_open
 

@@ -29,11 +29,15 @@ Run (from the project folder; `python -m world` runs this file):
     python -m world --only vae,kontext --base_steps 1200    # some models, fewer steps (the tests' small world)
     make shapes                             # world, then make_data, sft, rl, bench and the table
 Each model is built into a temp folder and renamed when whole, so a killed build resumes at the
-model it was building. Choices here are all ours (the paper has no such world).
+model it was building. Each carries a content key (build.json: a hash of its knobs, world/*.py and its
+inputs' keys); a model of another key is set aside in world-models/.cache/ and taken back when its key
+is asked for again, so no model is trained twice for the same content and none is used stale. Choices here are all ours (the paper has no such world).
 """
 
+import hashlib
 import json
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -350,6 +354,54 @@ def train_base(cfg, folder, vae_folder):
 
 MODELS = ("vae", "kontext", "detector", "embedder", "judge")
 
+# A model's content key: a hash of the knobs it is trained with, the world's source files and the
+# keys of the models it learns from. world-models/<name>/build.json holds it; a model whose key
+# differs from the current one is set aside in world-models/.cache/<name>-<key>/ and the model of the
+# current key is taken from there if it was built before, so switching knobs back and forth (or
+# `make shapes` after `make shapes-ablation`) never trains a model twice.
+KNOBS = {"vae": ("size", "seed", "vae_steps", "vae_batch", "vae_lr", "vae_images"),
+         "kontext": ("size", "seed", "base_steps", "base_batch", "base_lr", "base_examples", "max_text_len"),
+         "detector": ("seed", "detector_steps"), "embedder": ("seed", "embedder_steps"),
+         "judge": ("seed", "judge_steps")}
+NEEDS = {"vae": (), "kontext": ("vae",), "detector": ("vae",), "embedder": ("vae", "detector"),
+         "judge": ("vae", "detector")}
+SOURCES = ("world/build.py", "world/scenes.py", "world/perception.py")
+
+
+def content_keys(cfg):
+    """{model: 16 hex digits}, each over its knobs, the world's sources and its inputs' keys."""
+    code = hashlib.sha256(b"".join((ROOT / f).read_bytes() for f in SOURCES)).hexdigest()
+    keys = {}
+    for name in MODELS:
+        spec = {"model": name, "knobs": {k: getattr(cfg, k) for k in KNOBS[name]}, "code": code,
+                "inputs": {n: keys[n] for n in NEEDS[name]}}
+        keys[name] = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    return keys
+
+
+def settle_cached(out, name, key):
+    """Before building `name`: the folder of another key goes to .cache/; this key's comes back from
+    there. A folder from before content keys (no build.json) is taken as the current key's."""
+    folder, record = out / name, out / name / "build.json"
+    if (folder / ".complete").exists():
+        if not record.exists():
+            print(f"[world] {name}: no build.json (built before content keys): taken as key {key}")
+            common.write_json(record, {"key": key})
+            return
+        old = json.loads(record.read_text())["key"]
+        if old == key:
+            return
+        (out / ".cache").mkdir(exist_ok=True)
+        aside = out / ".cache" / f"{name}-{old}"
+        if aside.exists():
+            shutil.rmtree(aside)
+        folder.rename(aside)
+        print(f"[world] {name}: built with other knobs or code (key {old}), kept in {aside}")
+    cached = out / ".cache" / f"{name}-{key}"
+    if (cached / ".complete").exists() and not folder.exists():
+        cached.rename(folder)
+        print(f"[world] {name}: key {key} was built before, taken from {cached}")
+
 
 def vae_round_trip(vae_folder):
     """A `degrade` function for the reward models' training: [B,3,H,W] in [0,1] -> through the VAE."""
@@ -372,12 +424,19 @@ def build_world(cfg):
     wanted = cfg.only.split(",") if cfg.only else list(MODELS)
     if any(w not in MODELS for w in wanted):
         raise SystemExit(f"--only takes a comma list of {', '.join(MODELS)}, got {cfg.only!r}")
-    times = {}
+    times, keys = {}, content_keys(cfg)
 
     def build(name, fn):
         t0 = time.time()
+        settle_cached(out, name, keys[name])
         done = (out / name / ".complete").exists()
-        path = ensure_tiny_model(out, name, fn)
+
+        def build_and_stamp(folder):
+            fn(folder)
+            common.write_json(Path(folder) / "build.json", {"key": keys[name], "knobs": {
+                k: getattr(cfg, k) for k in KNOBS[name]}, "inputs": {n: keys[n] for n in NEEDS[name]}})
+
+        path = ensure_tiny_model(out, name, build_and_stamp)
         if not done:
             times[name] = round(time.time() - t0, 1)
             print(f"[world] {name}: built in {times[name]} s -> {path}")
@@ -397,16 +456,19 @@ def build_world(cfg):
     if "judge" in wanted:
         build("judge", lambda d: wp.build_judge(d, out / "detector", steps=cfg.judge_steps, seed=cfg.seed,
                                                 degrade=vae_round_trip(vae)))
-    if any(n in times for n in ("detector", "embedder", "judge")) or (
-            set(MODELS) <= set(wanted) and not (out / "quality.json").exists()):
+    judged = {n: keys[n] for n in ("vae", "detector", "embedder", "judge")}  # the models quality.json is of
+    quality = out / "quality.json"
+    stale = not quality.exists() or json.loads(quality.read_text()).get("keys") != judged
+    if any(n in times for n in ("detector", "embedder", "judge")) or (set(MODELS) <= set(wanted) and stale):
         report_quality(out, wp.evaluate_world(out / "detector", out / "embedder", out / "judge",
-                                              degrade=vae_round_trip(vae)))
+                                              degrade=vae_round_trip(vae)), judged)
     return out, times
 
 
-def report_quality(out, metrics):
+def report_quality(out, metrics, keys):
     """The world's own benchmark: held-out quality of each stand-in, clean and through the VAE."""
     metrics["vae_psnr"] = json.loads((out / "vae" / "quality.json").read_text())["psnr_heldout"]
+    metrics["keys"] = keys
     common.write_json(out / "quality.json", metrics)
     for view in ("", "_degraded"):
         d, e, j = (metrics.get(f"{k}{view}", {}) for k in ("detector", "embedder", "judge"))
