@@ -1,5 +1,5 @@
 """
-rl.py - PSR stage 4: Flow-GRPO on the PSR reward mix.
+rl.py - PSR stage 4: Flow-GRPO on the PSR reward mix (or DiffusionNFT, `--algo nft`).
 
 What the stage does, once per iteration:
   1. draws `prompts_per_iter` prompts (references + instruction) without replacement, and for each
@@ -14,8 +14,20 @@ What the stage does, once per iteration:
      them, each one a PPO-style clipped ratio over every denoising step but the last, the gradient
      accumulated over the step's samples on every rank and divided by their global count (so N
      ranks take the very steps one process takes). Each batch is recomputed as it was sampled,
-     so on fresh rollouts the ratio is exactly 1.
+     so on fresh rollouts the ratio is exactly 1. The log's grad_cos is the cosine between the
+     gradients of those optimizer steps (other prompts): near 0 means each step is a random nudge.
 The policy is a fresh LoRA on top of the SFT model (whose LoRA is fused into the base first).
+
+`--algo nft` (DiffusionNFT, arXiv 2509.16117) replaces steps 1 and 4: the samples are plain ODE
+samples of an "old" copy of the RL LoRA, and each optimizer step fits the implicit positive policy
+(v_old + nft_beta (v - v_old)) to the good samples and the negative one (v_old - nft_beta (v - v_old))
+to the bad ones, each weighted by r = A / (2 adv_clip) + 0.5, at fresh noise on the sampler's sigmas;
+the old copy follows the policy by EMA after each iteration. No log-probabilities, ratio or clip.
+
+The held-out evaluation is paired: the policy and SFT (the RL adapter switched off) sample the same
+n_eval held-out prompts from the same eval_seeds initial noises each, ODE sampler; the log has the
+mean gain (eval_gain, and per term: eval_gain_psr, ...) and its standard error over prompts. SFT's
+scores are computed once, at iteration 0, and kept in log row 0.
 
 Run:
     python rl.py --preset tiny                              # CPU, tiny random models, minutes
@@ -24,14 +36,22 @@ Run:
 Every reward knob is on the command line too (`--weights 0.5,0.3,0.2`, `--judge_url`,
 `--judge_templates`, ...; see rewards.RewardConfig). The SFT LoRA's settings (model, pe,
 guidance, resolution, saved beside it by sft.py) are adopted; contradicting one is refused.
-Writes runs/<preset>-rl/: log.jsonl (one row per iteration; row 0 is the held-out reward before
-any update), curves.png (RL reward and held-out reward, redrawn at each checkpoint), samples/,
-checkpoint.pt (resumable at any iteration) and lora/ (with the settings it is valid with).
+Writes runs/<preset>-rl/: log.jsonl (one row per iteration; row 0 is the held-out evaluation of SFT
+before any update), curves.png (RL reward, held-out rewards, the paired gain with its +-SE band and
+the gradient cosine, redrawn at each checkpoint), samples/ (references, SFT, policy), checkpoint.pt
+(resumable at any iteration; with NFT's old copy) and lora/ (with the settings it is valid with).
 
 The paper's choices: group size 6, learning rate 1e-5, LoRA rank 64, 28 sampling steps, the reward
 mix above. Ours, from Flow-GRPO's code where the paper is silent: noise level 0.7, clip range 1e-4,
 advantages clipped to +-5, no KL (beta = 0), 8 prompts and 2 optimizer steps per iteration, AdamW
 with weight decay 1e-4, gradient clipping 1.0, bf16 autocast on GPUs for sampling and training alike.
+
+DiffusionNFT, their choices (scripts/train_nft_sd3.py, config/nft.py) and ours: beta 1, adv_clip 5,
+lr 3e-4 on LoRA, the loss scaled by adv_clip, the old copy's decay min(0.001 step, 0.5) - all as
+theirs, except that our step is an iteration (theirs an optimizer step); their sampler is a 2nd-order
+deterministic solver, ours the Euler ODE the evaluation uses; they train 9 random of 10 sampler
+timesteps, we train nft_steps random ones of the first timestep_window (all by default); their KL
+weight (train.beta, 1e-4) is our `beta` (0 by default), on the velocity against the adapter off.
 
 Departures from textbook GRPO (DeepSeekMath), all as Flow-GRPO takes them:
   - the "action" is one denoising step: the policy is the Gaussian of the SDE step, and its
