@@ -15,7 +15,8 @@ What the stage does, once per iteration:
      accumulated over the step's samples on every rank and divided by their global count (so N
      ranks take the very steps one process takes). Each batch is recomputed as it was sampled,
      so on fresh rollouts the ratio is exactly 1. The log's grad_cos is the cosine between the
-     gradients of those optimizer steps (other prompts): near 0 means each step is a random nudge.
+     gradients of two halves of each optimizer step's batches (other prompts, same parameters),
+     grad_cos_steps the one between consecutive steps: near 0 means each step is a random nudge.
 The policy is a fresh LoRA on top of the SFT model (whose LoRA is fused into the base first).
 
 `--algo nft` (DiffusionNFT, arXiv 2509.16117) replaces steps 1 and 4: the samples are plain ODE
@@ -297,14 +298,13 @@ def update(m, params, opt, rollouts, cfg, plan=None, it=0):
     stats = {"ratio_first": None, "ratio_mean": [], "clip_frac": [], "kl": [], "optimizer_steps": len(plan),
              "trained_samples": sum(len(c) for c in plan)}
     n_steps = cfg.steps - 1  # every denoising step but the last, as Flow-GRPO (timestep_fraction 0.99 of 28)
-    grads = []  # each optimizer step's gradient, for the agreement between steps
+    grads = []  # per optimizer step: (its gradient, the gradient of its first half of batches)
     for chunk in plan:
         in_chunk = set(chunk)
         opt.zero_grad(set_to_none=True)
-        for ro in rollouts:
+
+        def backward(ro):
             rows = torch.tensor([i in in_chunk for i in ro.ids])  # [B] bool: this step's samples of the batch
-            if not rows.any():
-                continue
             w = rows.float().to(ro.latents.device) / (len(chunk) * n_steps)  # [B]; 0 for the others
             for j in range(n_steps):
                 loss, ratio, kl = step_loss(m, m.transformer, ro, j, cfg)
@@ -315,8 +315,8 @@ def update(m, params, opt, rollouts, cfg, plan=None, it=0):
                 stats["ratio_mean"].append(r.mean().item())
                 stats["clip_frac"].append(((r - 1).abs() > cfg.clip_range).float().mean().item())
                 stats["kl"].append(kl[rows.to(kl.device)].mean().item())
-        sum_grads(params)
-        grads.append(flat_grad(params))
+
+        grads.append(chunk_gradient(params, [ro for ro in rollouts if in_chunk & set(ro.ids)], backward))
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
     stats.update(gradient_agreement(grads))
@@ -329,13 +329,41 @@ def flat_grad(params):
                       for p in params])
 
 
+def chunk_gradient(params, batches, backward):
+    """Accumulates one optimizer step's gradient, backward(batch) for each of this rank's batches of
+    the step, and sums it over ranks. Returns (the step's gradient, the gradient of the first half
+    of every rank's batches), both flat and summed over ranks: the two halves hold other prompts and
+    are taken at the same parameters, so their agreement is a clean reading of the signal."""
+    first = None
+    for k, ro in enumerate(batches):
+        if k == len(batches) // 2:
+            first = flat_grad(params)
+        backward(ro)
+    first = flat_grad(params) if first is None else first
+    if world() > 1:
+        torch.distributed.all_reduce(first)
+    sum_grads(params)
+    return flat_grad(params), first
+
+
+def cosine(a, b):
+    """None when either vector is 0 (nothing to compare)."""
+    if float(a.norm()) == 0 or float(b.norm()) == 0:
+        return None
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+
+
 def gradient_agreement(grads):
-    """The health signal of an iteration: the mean cosine between the gradients of its optimizer
-    steps (consecutive pairs; independent prompts, so a real signal makes it clearly positive and
-    pure noise leaves it near 0), and their mean norm. grad_cos is None with fewer than 2 steps."""
-    cos = [float(torch.nn.functional.cosine_similarity(a, b, dim=0)) for a, b in zip(grads, grads[1:])]
-    return {"grad_cos": float(np.mean(cos)) if cos else None,
-            "grad_norm": float(np.mean([float(g.norm()) for g in grads])) if grads else None}
+    """The health signal of an iteration, from each optimizer step's (gradient, first half's gradient):
+    grad_cos, the mean over steps of the cosine between the two halves of a step's batches (other
+    prompts, the same parameters: a real signal makes it clearly positive, pure noise leaves it near 0);
+    grad_cos_steps, the cosine between consecutive steps' gradients (those follow an update: NFT's loss
+    pulls back toward its old copy there, which drives this one negative); and the mean norm."""
+    halves = [c for c in (cosine(f, g - f) for g, f in grads) if c is not None]
+    steps = [c for c in (cosine(a[0], b[0]) for a, b in zip(grads, grads[1:])) if c is not None]
+    return {"grad_cos": float(np.mean(halves)) if halves else None,
+            "grad_cos_steps": float(np.mean(steps)) if steps else None,
+            "grad_norm": float(np.mean([float(g.norm()) for g, _ in grads])) if grads else None}
 
 
 def sum_grads(params):
@@ -446,10 +474,9 @@ def update_nft(m, params, opt, rollouts, cfg, plan, old, it):
     for chunk in plan:
         in_chunk = set(chunk)
         opt.zero_grad(set_to_none=True)
-        for ro in rollouts:
+
+        def backward(ro):
             rows = torch.tensor([i in in_chunk for i in ro.ids])
-            if not rows.any():
-                continue
             sig = times[id(ro)]
             w = rows.float().to(ro.latents.device) / (len(chunk) * len(sig))
             for k in range(len(sig)):
@@ -457,8 +484,8 @@ def update_nft(m, params, opt, rollouts, cfg, plan, old, it):
                 (loss * w).sum().backward()
                 for key in ("kl", "old_deviate"):
                     stats[key].append(st[key][rows.to(st[key].device)].mean().item())
-        sum_grads(params)
-        grads.append(flat_grad(params))
+
+        grads.append(chunk_gradient(params, [ro for ro in rollouts if in_chunk & set(ro.ids)], backward))
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
     decay = nft_decay(it, cfg)
@@ -762,8 +789,8 @@ def evaluate(m, samples, cache, reward_fn, data_dir, cfg, grid_path=None, sft_sc
 def draw_curves(rows, path):
     """curves.png, three panels: the RL reward per iteration (band: spread over the iteration's
     samples) with the held-out reward of policy and SFT; the paired held-out gain (policy - SFT on
-    the same prompts and noise; band: +-1 standard error); and the cosine between the gradients of
-    each iteration's optimizer steps (noise sits near 0)."""
+    the same prompts and noise; band: +-1 standard error); and the gradient cosines of
+    gradient_agreement (the halves' one is the health signal: noise sits near 0)."""
     train = [(r["iter"], r["reward_mean"], r.get("reward_std", 0.0)) for r in rows
              if "reward_mean" in r and r["reward_mean"] == r["reward_mean"]]
     held = [(r["iter"], r["eval_reward"], None) for r in rows if "eval_reward" in r]
@@ -771,10 +798,12 @@ def draw_curves(rows, path):
     gain = [(r["iter"], r["eval_gain"], r.get("eval_gain_se") if r.get("eval_gain_se") == r.get("eval_gain_se")
              else None) for r in rows if "eval_gain" in r]
     cos = [(r["iter"], r["grad_cos"], None) for r in rows if r.get("grad_cos") is not None]
+    cos_steps = [(r["iter"], r["grad_cos_steps"], None) for r in rows if r.get("grad_cos_steps") is not None]
     line_chart(path, [("RL reward", {"train (band: spread over samples)": train, "held-out policy": held,
                                      "held-out SFT": base}),
                       ("paired held-out gain, policy - SFT", {"gain (band: +-1 SE)": gain}),
-                      ("gradient cosine between optimizer steps", {"cosine": cos})], size=(480, 360))
+                      ("gradient cosine", {"two halves of a step": cos, "consecutive steps": cos_steps})],
+               size=(480, 360))
 
 
 @torch.no_grad()

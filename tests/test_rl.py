@@ -536,14 +536,14 @@ def test_paired_eval_shares_prompts_and_noise_with_sft(tiny_dir, tiny_data):
     assert zero["eval_gain"] == 0 and zero["eval_gain_se"] == 0 and zero["eval_reward"] == zero["eval_sft_reward"]
 
 
-def test_gradient_cosine_between_optimizer_steps(tiny_dir, tiny_data):
-    """Two optimizer steps on the same samples agree (cosine near 1, the lr is tiny), and on the same
-    samples with the advantages negated they oppose (near -1): the logged cosine reads the gradients."""
+def test_gradient_cosines_read_the_gradients(tiny_dir, tiny_data):
+    """Two rollout batches of the same samples, with equal or with negated advantages. One optimizer
+    step: its two halves (one batch each, the same parameters) agree (grad_cos 1) or oppose (-1).
+    Two optimizer steps (lr tiny): the consecutive steps' gradients do the same (grad_cos_steps)."""
     m, samples, cache, params = tiny_policy(tiny_dir, tiny_data)
-    cfg = rl.Config(resolution=64, steps=4, group_size=4, lr=1e-9, optimizer_steps=2)
     inputs = rl.encode_prompt(m, cache, samples[0], m.device)
 
-    def two_batches(sign):
+    def two_batches(cfg, sign):
         a = rl.rollout(m, m.transformer, inputs, [1, 2, 3, 4], cfg, ids=[0, 1, 2, 3])
         b = rl.rollout(m, m.transformer, inputs, [1, 2, 3, 4], cfg, ids=[4, 5, 6, 7])
         a.advantages, b.advantages = torch.tensor([1.0, -1.0, 0.5, -0.5]), sign * torch.tensor([1.0, -1.0, 0.5, -0.5])
@@ -551,12 +551,14 @@ def test_gradient_cosine_between_optimizer_steps(tiny_dir, tiny_data):
         return [a, b]
 
     for sign in (1.0, -1.0):
-        opt = torch.optim.AdamW(params, lr=cfg.lr)
-        stats = rl.update(m, params, opt, two_batches(sign), cfg)
-        assert stats["optimizer_steps"] == 2 and stats["grad_norm"] > 0
-        assert stats["grad_cos"] == pytest.approx(sign, abs=1e-3), stats
-    one = rl.update(m, params, torch.optim.AdamW(params, lr=cfg.lr), two_batches(1.0)[:1], cfg)
-    assert one["grad_cos"] is None  # one step: nothing to compare
+        cfg = rl.Config(resolution=64, steps=4, group_size=4, lr=1e-9, optimizer_steps=1)
+        stats = rl.update(m, params, torch.optim.AdamW(params, lr=cfg.lr), two_batches(cfg, sign), cfg)
+        assert stats["optimizer_steps"] == 1 and stats["grad_cos_steps"] is None and stats["grad_norm"] > 0
+        assert stats["grad_cos"] == pytest.approx(sign, abs=1e-5), stats
+        cfg.optimizer_steps = 2
+        stats = rl.update(m, params, torch.optim.AdamW(params, lr=cfg.lr), two_batches(cfg, sign), cfg)
+        assert stats["optimizer_steps"] == 2 and stats["grad_cos"] is None  # one batch a step: no halves
+        assert stats["grad_cos_steps"] == pytest.approx(sign, abs=1e-3), stats
 
 
 def test_missing_sft_lora_names_the_stage(tmp_path, tiny_data, tiny_dir):
