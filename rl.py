@@ -1,5 +1,5 @@
 """
-rl.py - PSR stage 4: Flow-GRPO on the PSR reward mix.
+rl.py - PSR stage 4: Flow-GRPO on the PSR reward mix (or DiffusionNFT, `--algo nft`).
 
 What the stage does, once per iteration:
   1. draws `prompts_per_iter` prompts (references + instruction) without replacement, and for each
@@ -14,8 +14,21 @@ What the stage does, once per iteration:
      them, each one a PPO-style clipped ratio over every denoising step but the last, the gradient
      accumulated over the step's samples on every rank and divided by their global count (so N
      ranks take the very steps one process takes). Each batch is recomputed as it was sampled,
-     so on fresh rollouts the ratio is exactly 1.
+     so on fresh rollouts the ratio is exactly 1. The log's grad_cos is the cosine between the
+     gradients of two halves of each optimizer step's batches (other prompts, same parameters),
+     grad_cos_steps the one between consecutive steps: near 0 means each step is a random nudge.
 The policy is a fresh LoRA on top of the SFT model (whose LoRA is fused into the base first).
+
+`--algo nft` (DiffusionNFT, arXiv 2509.16117) replaces steps 1 and 4: the samples are plain ODE
+samples of an "old" copy of the RL LoRA, and each optimizer step fits the implicit positive policy
+(v_old + nft_beta (v - v_old)) to the good samples and the negative one (v_old - nft_beta (v - v_old))
+to the bad ones, each weighted by r = A / (2 adv_clip) + 0.5, at fresh noise on the sampler's sigmas;
+the old copy follows the policy by EMA after each iteration. No log-probabilities, ratio or clip.
+
+The held-out evaluation is paired: the policy and SFT (the RL adapter switched off) sample the same
+n_eval held-out prompts from the same eval_seeds initial noises each, ODE sampler; the log has the
+mean gain (eval_gain, and per term: eval_gain_psr, ...) and its standard error over prompts. SFT's
+scores are computed once, at iteration 0, and kept in log row 0.
 
 Run:
     python rl.py --preset tiny                              # CPU, tiny random models, minutes
@@ -24,14 +37,22 @@ Run:
 Every reward knob is on the command line too (`--weights 0.5,0.3,0.2`, `--judge_url`,
 `--judge_templates`, ...; see rewards.RewardConfig). The SFT LoRA's settings (model, pe,
 guidance, resolution, saved beside it by sft.py) are adopted; contradicting one is refused.
-Writes runs/<preset>-rl/: log.jsonl (one row per iteration; row 0 is the held-out reward before
-any update), curves.png (RL reward and held-out reward, redrawn at each checkpoint), samples/,
-checkpoint.pt (resumable at any iteration) and lora/ (with the settings it is valid with).
+Writes runs/<preset>-rl/: log.jsonl (one row per iteration; row 0 is the held-out evaluation of SFT
+before any update), curves.png (RL reward, held-out rewards, the paired gain with its +-SE band and
+the gradient cosine, redrawn at each checkpoint), samples/ (references, SFT, policy), checkpoint.pt
+(resumable at any iteration; with NFT's old copy) and lora/ (with the settings it is valid with).
 
 The paper's choices: group size 6, learning rate 1e-5, LoRA rank 64, 28 sampling steps, the reward
 mix above. Ours, from Flow-GRPO's code where the paper is silent: noise level 0.7, clip range 1e-4,
 advantages clipped to +-5, no KL (beta = 0), 8 prompts and 2 optimizer steps per iteration, AdamW
 with weight decay 1e-4, gradient clipping 1.0, bf16 autocast on GPUs for sampling and training alike.
+
+DiffusionNFT, their choices (scripts/train_nft_sd3.py, config/nft.py) and ours: beta 1, adv_clip 5,
+lr 3e-4 on LoRA, the loss scaled by adv_clip, the old copy's decay min(0.001 step, 0.5) - all as
+theirs, except that our step is an iteration (theirs an optimizer step); their sampler is a 2nd-order
+deterministic solver, ours the Euler ODE the evaluation uses; they train 9 random of 10 sampler
+timesteps, we train nft_steps random ones of the first timestep_window (all by default); their KL
+weight (train.beta, 1e-4) is our `beta` (0 by default), on the velocity against the adapter off.
 
 Departures from textbook GRPO (DeepSeekMath), all as Flow-GRPO takes them:
   - the "action" is one denoising step: the policy is the Gaussian of the SDE step, and its
@@ -91,8 +112,15 @@ class Config(RewardConfig):
     adv_clip: float = 5.0
     beta: float = 0.0             # KL to the model without the RL adapter; off, as in Flow-GRPO's Kontext run
     grad_clip: float = 1.0
+    algo: str = "grpo"            # grpo (Flow-GRPO, the paper's) | nft (DiffusionNFT, on ODE samples)
+    nft_beta: float = 1.0         # nft: the implicit policies' step, their config.beta (0.1 for their OCR run)
+    nft_steps: int = 0            # nft: training timesteps per sample, drawn from the window; 0: all of it
+    timestep_window: int = 0      # nft: train only at the first (highest-noise) this many sampler steps; 0: all
+    nft_decay_rate: float = 0.001  # nft: the old copy's EMA decay = min(rate x iteration, max) (their decay_type 1)
+    nft_decay_max: float = 0.5
     reward: str = "mix"           # mix (rewards.py, with the reward knobs) | brightness (mean pixel value) | module:function
-    n_eval: int = 4               # held-out prompts (the dataset's last ones) for the eval curve
+    n_eval: int = 4               # held-out prompts (the dataset's last ones) for the paired eval curve
+    eval_seeds: int = 1           # initial noises per held-out prompt, the same for SFT and the policy
     eval_every: int = 10
     ckpt_every: int = 1
     kernels: str = "torch"
@@ -270,13 +298,13 @@ def update(m, params, opt, rollouts, cfg, plan=None, it=0):
     stats = {"ratio_first": None, "ratio_mean": [], "clip_frac": [], "kl": [], "optimizer_steps": len(plan),
              "trained_samples": sum(len(c) for c in plan)}
     n_steps = cfg.steps - 1  # every denoising step but the last, as Flow-GRPO (timestep_fraction 0.99 of 28)
+    grads = []  # per optimizer step: (its gradient, the gradient of its first half of batches)
     for chunk in plan:
         in_chunk = set(chunk)
         opt.zero_grad(set_to_none=True)
-        for ro in rollouts:
+
+        def backward(ro):
             rows = torch.tensor([i in in_chunk for i in ro.ids])  # [B] bool: this step's samples of the batch
-            if not rows.any():
-                continue
             w = rows.float().to(ro.latents.device) / (len(chunk) * n_steps)  # [B]; 0 for the others
             for j in range(n_steps):
                 loss, ratio, kl = step_loss(m, m.transformer, ro, j, cfg)
@@ -287,10 +315,55 @@ def update(m, params, opt, rollouts, cfg, plan=None, it=0):
                 stats["ratio_mean"].append(r.mean().item())
                 stats["clip_frac"].append(((r - 1).abs() > cfg.clip_range).float().mean().item())
                 stats["kl"].append(kl[rows.to(kl.device)].mean().item())
-        sum_grads(params)
+
+        grads.append(chunk_gradient(params, [ro for ro in rollouts if in_chunk & set(ro.ids)], backward))
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
+    stats.update(gradient_agreement(grads))
     return {k: (float(np.mean(v)) if isinstance(v, list) and v else v) for k, v in stats.items()}
+
+
+def flat_grad(params):
+    """Every parameter's gradient in one fp32 vector (zeros where a parameter got none), before clipping."""
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().flatten().cpu()
+                      for p in params])
+
+
+def chunk_gradient(params, batches, backward):
+    """Accumulates one optimizer step's gradient, backward(batch) for each of this rank's batches of
+    the step, and sums it over ranks. Returns (the step's gradient, the gradient of the first half
+    of every rank's batches), both flat and summed over ranks: the two halves hold other prompts and
+    are taken at the same parameters, so their agreement is a clean reading of the signal."""
+    first = None
+    for k, ro in enumerate(batches):
+        if k == len(batches) // 2:
+            first = flat_grad(params)
+        backward(ro)
+    first = flat_grad(params) if first is None else first
+    if world() > 1:
+        torch.distributed.all_reduce(first)
+    sum_grads(params)
+    return flat_grad(params), first
+
+
+def cosine(a, b):
+    """None when either vector is 0 (nothing to compare)."""
+    if float(a.norm()) == 0 or float(b.norm()) == 0:
+        return None
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+
+
+def gradient_agreement(grads):
+    """The health signal of an iteration, from each optimizer step's (gradient, first half's gradient):
+    grad_cos, the mean over steps of the cosine between the two halves of a step's batches (other
+    prompts, the same parameters: a real signal makes it clearly positive, pure noise leaves it near 0);
+    grad_cos_steps, the cosine between consecutive steps' gradients (those follow an update: NFT's loss
+    pulls back toward its old copy there, which drives this one negative); and the mean norm."""
+    halves = [c for c in (cosine(f, g - f) for g, f in grads) if c is not None]
+    steps = [c for c in (cosine(a[0], b[0]) for a, b in zip(grads, grads[1:])) if c is not None]
+    return {"grad_cos": float(np.mean(halves)) if halves else None,
+            "grad_cos_steps": float(np.mean(steps)) if steps else None,
+            "grad_norm": float(np.mean([float(g.norm()) for g, _ in grads])) if grads else None}
 
 
 def sum_grads(params):
@@ -302,6 +375,125 @@ def sum_grads(params):
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         torch.distributed.all_reduce(p.grad)
+
+
+# ----------------------------------------------------------------------------------------------
+# DiffusionNFT (--algo nft): likelihood-free, on clean ODE samples. The math follows NVlabs/DiffusionNFT,
+# scripts/train_nft_sd3.py (commit 24af555): the noisy point (line 870), the weight r from the clipped
+# advantage (928), the implicit positive and negative policies (934-936), their x0 predictions with
+# stop-gradient adaptive weights (940-957), the loss (959-960), and the old copy's EMA (1034-1039,
+# return_decay at 169). No ratio, no clip, no SDE: the samples come from the old copy's ODE sampler.
+
+def nft_decay(it, cfg):
+    """How much of the old copy the old copy keeps after iteration `it` (0-based): their decay_type 1,
+    min(0.001 x step, 0.5), with our iteration as the step (theirs counts optimizer steps)."""
+    return min(cfg.nft_decay_rate * it, cfg.nft_decay_max)
+
+
+def swap_weights(params, values):
+    """Exchange the data of params and values in place (no autograd): the policy's LoRA becomes the
+    old copy and back. Returns nothing; call twice to undo."""
+    with torch.no_grad():
+        for p, v in zip(params, values):
+            tmp = p.data.clone()
+            p.data.copy_(v)
+            v.copy_(tmp)
+
+
+def nft_timesteps(ro, cfg, it):
+    """Per sample, which sampler sigmas it is trained at: a seeded permutation of the sampler's
+    steps (those with sigma > 0, or only the first timestep_window of them, the high-noise ones),
+    the first nft_steps of it. Returns sigma [n, B] float, n = nft_steps (all steps if 0)."""
+    sig = ro.sigmas[:-1]  # [steps], 1 .. small; the last sigma (0) is never a training point
+    window = len(sig) if not cfg.timestep_window else min(cfg.timestep_window, len(sig))
+    n = min(cfg.nft_steps or window, window)
+    cols = []
+    for i in ro.ids:
+        g = torch.Generator().manual_seed(sample_seed(cfg.seed, it, 7_777, i))
+        cols.append(sig[torch.randperm(window, generator=g)[:n]])
+    return torch.stack(cols, 1)  # [n, B]
+
+
+def nft_loss(m, transformer, ro, sigma, k, cfg, old, it):
+    """Per-sample DiffusionNFT loss of one training timestep of a batch of clean samples.
+    sigma [B]: each sample's noise level; k: which of the sample's timesteps (seeds the fresh noise).
+    Returns (loss [B], stats dict). With old == the policy and r = 0.5 the gradient is exactly 0."""
+    t5, pooled, refs, hws = ro.inputs
+    b = len(ro.ids)
+    lh = cfg.resolution // m.vae_factor
+    x0 = ro.latents[-1].float()  # [B, L, 64], the ODE sample
+    eps = torch.stack([torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(
+        sample_seed(cfg.seed, it, 8_888 + k, i))) for i in ro.ids]).to(x0.device)
+    t = sigma.to(x0.device).float().view(b, 1, 1)
+    xt = (1 - t) * x0 + t * eps  # the flow's straight path at sigma t
+
+    def forward():
+        with numerics(m):
+            return velocity(m, xt.to(m.dtype), refs.expand(b, -1, -1), sigma.to(x0.device).float(),
+                            t5.expand(b, -1, -1), pooled.expand(b, -1), (lh // 2, lh // 2), hws, cfg.pe,
+                            cfg.guidance, transformer).float()
+
+    with torch.no_grad():
+        swap_weights(old[0], old[1])
+        v_old = forward()
+        swap_weights(old[0], old[1])
+    v = forward()
+    adv = ro.advantages.to(x0.device).clamp(-cfg.adv_clip, cfg.adv_clip)
+    r = (adv / cfg.adv_clip / 2 + 0.5).clamp(0, 1)  # [B]: 1 best, 0 worst, 0.5 average
+    beta = cfg.nft_beta
+    dims = tuple(range(1, x0.dim()))
+
+    def x0_error(pred_v):  # squared error of the x0 prediction, over its own stop-gradient mean |error|
+        x0_hat = xt - t * pred_v
+        with torch.no_grad():
+            scale = (x0_hat.double() - x0.double()).abs().mean(dim=dims, keepdim=True).clamp(min=1e-5).float()
+        return ((x0_hat - x0) ** 2 / scale).mean(dim=dims)
+
+    positive = x0_error(beta * v + (1 - beta) * v_old)  # the implicit policy pulled toward good samples
+    negative = x0_error((1 + beta) * v_old - beta * v)  # ... and its mirror, pulled toward bad ones
+    loss = (r * positive + (1 - r) * negative) / beta * cfg.adv_clip
+    kl = torch.zeros(b, device=x0.device)
+    if cfg.beta > 0:  # their train.beta: the velocity distance to the model without the RL adapter
+        with torch.no_grad():
+            common.unwrap(transformer).disable_adapters()
+            v_ref = forward()
+            common.unwrap(transformer).enable_adapters()
+        kl = ((v - v_ref) ** 2).mean(dim=dims)
+        loss = loss + cfg.beta * kl
+    return loss, {"kl": kl.detach(), "old_deviate": ((v - v_old) ** 2).mean(dim=dims).detach()}
+
+
+def update_nft(m, params, opt, rollouts, cfg, plan, old, it):
+    """One optimizer step per chunk of `plan`, each sample's loss averaged over its training
+    timesteps and over the chunk's global size (ranks summed as in update()); then the old copy
+    moves toward the policy by EMA. old = (params, old values)."""
+    stats = {"ratio_first": None, "kl": [], "old_deviate": [], "optimizer_steps": len(plan),
+             "trained_samples": sum(len(c) for c in plan)}
+    times = {id(ro): nft_timesteps(ro, cfg, it) for ro in rollouts}  # [n, B] each
+    grads = []
+    for chunk in plan:
+        in_chunk = set(chunk)
+        opt.zero_grad(set_to_none=True)
+
+        def backward(ro):
+            rows = torch.tensor([i in in_chunk for i in ro.ids])
+            sig = times[id(ro)]
+            w = rows.float().to(ro.latents.device) / (len(chunk) * len(sig))
+            for k in range(len(sig)):
+                loss, st = nft_loss(m, m.transformer, ro, sig[k], k, cfg, old, it)
+                (loss * w).sum().backward()
+                for key in ("kl", "old_deviate"):
+                    stats[key].append(st[key][rows.to(st[key].device)].mean().item())
+
+        grads.append(chunk_gradient(params, [ro for ro in rollouts if in_chunk & set(ro.ids)], backward))
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+    decay = nft_decay(it, cfg)
+    with torch.no_grad():
+        for p, o in zip(*old):
+            o.copy_(decay * o + (1 - decay) * p.detach())
+    stats.update(gradient_agreement(grads), nft_decay=decay)
+    return {k: (float(np.mean(v)) if isinstance(v, list) and v else v) for k, v in stats.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -438,7 +630,7 @@ def my_batches(batches):
     return [batches[q] for q in np.array_split(np.arange(len(batches)), world())[rank()].tolist()]
 
 
-def iteration(m, params, opt, samples, cache, reward_fn, data_dir, it, cfg):
+def iteration(m, params, opt, samples, cache, reward_fn, data_dir, it, cfg, old=None):
     prompts = draw_prompts(samples, it, cfg)
     g, total = cfg.group_size, cfg.prompts_per_iter * cfg.group_size
     batches = rollout_batches(cfg)
@@ -449,7 +641,13 @@ def iteration(m, params, opt, samples, cache, reward_fn, data_dir, it, cfg):
             p, sample = ids[0] // g, prompts[ids[0] // g]
             t0 = time.time()
             inputs = encode_prompt(m, cache, sample, m.device)
-            ro = rollout(m, m.transformer, inputs, [sample_seed(cfg.seed, it, p, i % g) for i in ids], cfg, ids=ids)
+            seeds = [sample_seed(cfg.seed, it, p, i % g) for i in ids]
+            if cfg.algo == "nft":  # the old copy's ODE samples (its swap is exact: the same floats come back)
+                swap_weights(*old)
+                ro = rollout(m, m.transformer, inputs, seeds, cfg, noise_level=0.0, ids=ids)
+                swap_weights(*old)
+            else:
+                ro = rollout(m, m.transformer, inputs, seeds, cfg, ids=ids)
             t_sample += time.time() - t0
             rollouts.append(ro)
             futures.append(pool.submit(timed, score, reward_fn, ro.images, sample, data_dir))
@@ -462,12 +660,15 @@ def iteration(m, params, opt, samples, cache, reward_fn, data_dir, it, cfg):
     scores, unparsed = gather_scores(local, total, unparsed)
     rewards = scores["reward"]
     adv, finite, dropped = advantages_for(rewards, prompts, g, cfg)
-    trained = finite & (adv != 0)
+    # GRPO: a zero advantage has a zero gradient, so it is not recomputed; NFT trains every scored
+    # sample (at r = 0.5 its pull is 0 only while the policy equals the old copy)
+    trained = finite & (adv != 0) if cfg.algo == "grpo" else finite
     for ro in rollouts:
         ro.advantages, ro.train_mask = adv[ro.ids], trained[ro.ids]
     t0 = time.time()
     plan = optimizer_plan([[i for i in ids if trained[i]] for ids in batches], it, cfg)
-    stats = update(m, params, opt, rollouts, cfg, plan)
+    stats = update(m, params, opt, rollouts, cfg, plan) if cfg.algo == "grpo" else \
+        update_nft(m, params, opt, rollouts, cfg, plan, old, it)
     t_update = time.time() - t0
     fin = rewards[finite]
     log = {"iter": it + 1, "reward_mean": float(fin.mean()) if len(fin) else float("nan"),
@@ -496,37 +697,113 @@ def iteration(m, params, opt, samples, cache, reward_fn, data_dir, it, cfg):
 # Evaluation on held-out prompts (the ODE sampler, fixed seeds), the training curves, and the
 # rollout-overhead measurement.
 
+EVAL_ITER = 10 ** 6  # the held-out seeds' "iteration" in sample_seed: never a training iteration's
+
+
+def eval_seeds(cfg, k):
+    """The initial-noise seeds of held-out prompt k: eval_seeds of them, the same for SFT and policy."""
+    return [sample_seed(cfg.seed, EVAL_ITER, k, s) for s in range(cfg.eval_seeds)]
+
+
 @torch.no_grad()
-def evaluate(m, samples, cache, reward_fn, data_dir, cfg, grid_path=None):
-    """Mean reward of one image per held-out prompt (seeds follow cfg.seed). Returns (mean, extras)
-    with extras the spread over prompts (eval_reward_std) and each term's mean."""
-    rewards, rows, terms = [], [], {}
-    for k, sample in enumerate(samples):
-        t5, pooled, refs, hws = encode_prompt(m, cache, sample, m.device)
+def ode_images(m, inputs, seeds, cfg, adapter=True):
+    """ODE (Euler) samples of one prompt, one per seed, batched; adapter=False switches the RL
+    adapter off, which gives the SFT model on exactly the same initial noise."""
+    t5, pooled, refs, hws = inputs
+    b, lh = len(seeds), cfg.resolution // m.vae_factor
+    c = m.transformer.config.in_channels // 4
+    noise = torch.cat([sft.initial_noise(1, c, lh, lh, s, m.device, torch.float32) for s in seeds])
+    if not adapter:
+        common.unwrap(m.transformer).disable_adapters()
+    try:
         with numerics(m):
-            lat = sft.sample_latents(m, t5, pooled, refs, hws, cfg.resolution, cfg.resolution,
-                                     sample_seed(cfg.seed, 10 ** 6, k, 0), cfg.steps, cfg.guidance, cfg.pe)
-        image = tensor_to_pil(decode_latents(m, lat))[0]
-        sc = score(reward_fn, [image], sample, data_dir)
-        rewards.append(sc["reward"][0])
-        for key in TERMS:
-            terms.setdefault(key, []).extend(sc.get(key, []))
-        rows.append([open_image(data_dir, s["ref"], sample["id"]) for s in sample["subjects"]] + [image])
+            lat = sft.sample_latents(m, t5.expand(b, -1, -1), pooled.expand(b, -1), refs.expand(b, -1, -1), hws,
+                                     cfg.resolution, cfg.resolution, 0, cfg.steps, cfg.guidance, cfg.pe, noise=noise)
+    finally:
+        if not adapter:
+            common.unwrap(m.transformer).enable_adapters()
+    return tensor_to_pil(decode_latents(m, lat))
+
+
+def score_held_out(m, samples, cache, reward_fn, data_dir, cfg, adapter=True):
+    """Every held-out prompt x eval seed, ODE-sampled and scored. Returns ({key: [n_eval * eval_seeds]}
+    with keys reward and the mix's terms present, image k * eval_seeds + s of prompt k and seed s;
+    and the first seed's image of each prompt, for the grid)."""
+    scores, firsts = {}, []
+    for k, sample in enumerate(samples):
+        images = ode_images(m, encode_prompt(m, cache, sample, m.device), eval_seeds(cfg, k), cfg, adapter)
+        sc = score(reward_fn, images, sample, data_dir)
+        sc.pop("judge_unparsed")
+        for key, v in sc.items():
+            scores.setdefault(key, []).extend(v)
+        firsts.append(images[0])
+    return scores, firsts
+
+
+def paired_gain(policy, base, n_prompts):
+    """Mean of policy - base over every image (the same prompt and initial noise in both), and its
+    standard error with the prompt as the unit: each prompt's seeds are averaged first, so the SE
+    counts the prompts' spread, not the seeds' (which share a prompt). NaN pairs are left out.
+    policy, base [n_prompts * seeds] -> (gain, se); se is NaN with fewer than 2 prompts."""
+    d = (np.asarray(policy, dtype=np.float64) - np.asarray(base, dtype=np.float64)).reshape(n_prompts, -1)
+    per_prompt = np.nanmean(d, axis=1) if np.isfinite(d).any() else np.full(n_prompts, np.nan)
+    per_prompt = per_prompt[np.isfinite(per_prompt)]
+    if not len(per_prompt):
+        return float("nan"), float("nan")
+    se = per_prompt.std(ddof=1) / math.sqrt(len(per_prompt)) if len(per_prompt) > 1 else float("nan")
+    return float(np.nanmean(d)), float(se)
+
+
+@torch.no_grad()
+def evaluate(m, samples, cache, reward_fn, data_dir, cfg, grid_path=None, sft_scores=None):
+    """The paired held-out evaluation: the policy and SFT (the RL adapter off) on the same held-out
+    prompts and the same initial noise, ODE sampler, eval_seeds images a prompt. SFT is frozen and
+    the noise fixed, so its scores are computed once (iteration 0, sft_scores=None) and passed back
+    in later. Returns a flat dict for the log: eval_reward (policy), eval_sft_reward, eval_gain and
+    eval_gain_se (paired, SE over prompts), the same per term (eval_psr, eval_gain_psr, ...), the
+    spread over prompts (eval_reward_std), and eval_sft (the per-image SFT scores, to keep)."""
+    n = len(samples)
+    first = sft_scores is None
+    if first:
+        sft_scores, sft_firsts = score_held_out(m, samples, cache, reward_fn, data_dir, cfg, adapter=False)
+    policy, firsts = score_held_out(m, samples, cache, reward_fn, data_dir, cfg)
     if grid_path is not None:
-        save_png(grid_path, image_grid(rows))
-    extras = {"eval_reward_std": float(np.nanstd(rewards))}
-    extras.update({f"eval_{k}": float(np.nanmean(v)) for k, v in terms.items() if v})
-    return float(np.nanmean(rewards)), extras
+        refs = [[open_image(data_dir, s["ref"], x["id"]) for s in x["subjects"]] for x in samples]
+        sft_imgs = sft_firsts if first else [None] * n
+        save_png(grid_path, image_grid([r + ([a] if a is not None else []) + [b]
+                                        for r, a, b in zip(refs, sft_imgs, firsts)]))
+    r = np.asarray(policy["reward"], dtype=np.float64).reshape(n, -1)
+    out = {"eval_reward": float(np.nanmean(r)), "eval_reward_std": float(np.nanstd(np.nanmean(r, axis=1))),
+           "eval_sft_reward": float(np.nanmean(sft_scores["reward"])), "eval_images": int(r.size)}
+    for key in policy:
+        gain, se = paired_gain(policy[key], sft_scores[key], n)
+        name = "" if key == "reward" else f"_{key}"
+        if key != "reward":
+            out[f"eval_{key}"] = float(np.nanmean(policy[key]))
+        out[f"eval_gain{name}"], out[f"eval_gain{name}_se"] = gain, se
+    if first:
+        out["eval_sft"] = {k: [float(v) for v in vals] for k, vals in sft_scores.items()}  # full precision: reused
+    return out
 
 
 def draw_curves(rows, path):
-    """curves.png: the RL reward per iteration (mean over the iteration's samples, band: their spread)
-    and the held-out reward (band: its spread over prompts), on one chart."""
+    """curves.png, three panels: the RL reward per iteration (band: spread over the iteration's
+    samples) with the held-out reward of policy and SFT; the paired held-out gain (policy - SFT on
+    the same prompts and noise; band: +-1 standard error); and the gradient cosines of
+    gradient_agreement (the halves' one is the health signal: noise sits near 0)."""
     train = [(r["iter"], r["reward_mean"], r.get("reward_std", 0.0)) for r in rows
              if "reward_mean" in r and r["reward_mean"] == r["reward_mean"]]
-    held = [(r["iter"], r["eval_reward"], r.get("eval_reward_std", 0.0)) for r in rows if "eval_reward" in r]
-    line_chart(path, [("RL reward per iteration", {"train (band: spread over samples)": train,
-                                                   "held-out (band: spread over prompts)": held})], size=(720, 400))
+    held = [(r["iter"], r["eval_reward"], None) for r in rows if "eval_reward" in r]
+    base = [(r["iter"], r["eval_sft_reward"], None) for r in rows if "eval_sft_reward" in r]
+    gain = [(r["iter"], r["eval_gain"], r.get("eval_gain_se") if r.get("eval_gain_se") == r.get("eval_gain_se")
+             else None) for r in rows if "eval_gain" in r]
+    cos = [(r["iter"], r["grad_cos"], None) for r in rows if r.get("grad_cos") is not None]
+    cos_steps = [(r["iter"], r["grad_cos_steps"], None) for r in rows if r.get("grad_cos_steps") is not None]
+    line_chart(path, [("RL reward", {"train (band: spread over samples)": train, "held-out policy": held,
+                                     "held-out SFT": base}),
+                      ("paired held-out gain, policy - SFT", {"gain (band: +-1 SE)": gain}),
+                      ("gradient cosine", {"two halves of a step": cos, "consecutive steps": cos_steps})],
+               size=(480, 360))
 
 
 @torch.no_grad()
@@ -564,6 +841,17 @@ def prepare_policy(m, cfg, sft_lora):
     return params
 
 
+def save_checkpoint(path, m, opt, step, old=None):
+    """common.save_checkpoint's state plus, for NFT, the old copy's values (one atomic file, so a
+    resume never pairs a policy with another iteration's old copy)."""
+    state = {"lora": common.lora_state(m.transformer, "rl"), "opt": opt.state_dict(), "step": step,
+             "rng": torch.get_rng_state()}
+    if old is not None:
+        state["nft_old"] = [v.detach().cpu().clone() for v in old[1]]
+    with common.atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
 def lora_settings(cfg):
     """What the RL LoRA is valid with, saved beside it (bench.py adopts these)."""
     return {key: getattr(cfg, key) for key in common.MODEL_SETTINGS}
@@ -585,7 +873,11 @@ def main(cfg):
     # out/config.json records the knobs and inputs; a resume with other settings is refused (common.open_run)
     inputs = {"data": data_dir / "samples.jsonl", **({"sft_lora": sft_lora} if sft_lora is not None else {})}
     record = common.open_run(out, cfg, "rl", inputs, extend=("iterations",))
-    if cfg.beta > 0 and cfg.noise_level <= 0:
+    if cfg.algo not in ("grpo", "nft"):
+        raise SystemExit(f"--algo must be grpo or nft, got {cfg.algo!r}")
+    if cfg.algo == "nft" and cfg.nft_beta <= 0:
+        raise SystemExit(f"--nft_beta must be > 0 (the loss divides by it), got {cfg.nft_beta}")
+    if cfg.beta > 0 and cfg.noise_level <= 0 and cfg.algo == "grpo":
         raise SystemExit("--beta > 0 needs --noise_level > 0: the KL term divides by the step's std")
     m = common.load_kontext(cfg.model, device, common.model_dtype(device), cfg.tiny_dir)
     sft.use_kernels(m.transformer, cfg.kernels)
@@ -601,43 +893,57 @@ def main(cfg):
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     reward_fn = build_reward(cfg, device)
     ckpt, log_path = out / "checkpoint.pt", out / "log.jsonl"
-    start = common.load_checkpoint(ckpt, m.transformer, opt, name="rl")["step"] if ckpt.exists() else 0
+    old = (params, [p.detach().clone() for p in params]) if cfg.algo == "nft" else None  # NFT's old copy
+    start = 0
+    if ckpt.exists():
+        state = common.load_checkpoint(ckpt, m.transformer, opt, name="rl")
+        start = state["step"]
+        if old is not None:
+            for o, v in zip(old[1], state["nft_old"]):
+                o.copy_(v)
     if rank() == 0:
         # rows past the checkpoint ("iter" > start) run again; from no checkpoint, iteration 0's eval too
         common.truncate_log(log_path, start if start else -1)
         if start:
             print(f"[rl] resumed from {ckpt} at iteration {start}")
     barrier()  # the log is trimmed before any rank reads it
-    evals = [r["eval_reward"] for r in common.read_jsonl(log_path) if "eval_reward" in r] if log_path.exists() else []
-    first_eval, last_eval = (evals[0], evals[-1]) if evals else (None, None)  # a resume keeps its baseline
+    rows = common.read_jsonl(log_path) if log_path.exists() else []
+    sft_scores = next((r["eval_sft"] for r in rows if "eval_sft" in r), None)  # a resume keeps its baseline
+    gains = [(r["eval_gain"], r["eval_gain_se"]) for r in rows if "eval_gain" in r]
     t_start = time.time()
     if start == 0 and cfg.eval_every:
-        # iteration 0: the held-out reward before any update, the baseline every later eval is read against
-        first_eval, extras = evaluate(m, eval_set, cache, reward_fn, data_dir, cfg,
-                                      out / "samples" / "iter-00000.png" if rank() == 0 else None)
-        last_eval = first_eval
+        # iteration 0: SFT's held-out scores (the RL adapter off), kept in row 0 for every later paired eval
+        row = evaluate(m, eval_set, cache, reward_fn, data_dir, cfg,
+                       out / "samples" / "iter-00000.png" if rank() == 0 else None)
+        sft_scores = row["eval_sft"]
+        gains.append((row["eval_gain"], row["eval_gain_se"]))
         if rank() == 0:
-            append_jsonl(log_path, {"iter": 0, "eval_reward": first_eval, **extras})
+            append_jsonl(log_path, {"iter": 0, **row})
+            print(f"[rl] held-out SFT reward {row['eval_sft_reward']:.4f} over {row['eval_images']} images "
+                  f"({cfg.n_eval} prompts x {cfg.eval_seeds} seeds)")
     for it in tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="rl",
                    disable=rank() != 0):
-        log = iteration(m, params, opt, train_set, cache, reward_fn, data_dir, it, cfg)
+        log = iteration(m, params, opt, train_set, cache, reward_fn, data_dir, it, cfg, old)
         if cfg.eval_every and ((it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iterations):
             grid = out / "samples" / f"iter-{it + 1:05d}.png" if rank() == 0 else None
-            log["eval_reward"], extras = evaluate(m, eval_set, cache, reward_fn, data_dir, cfg, grid)
-            log.update(extras)
-            first_eval = log["eval_reward"] if first_eval is None else first_eval
-            last_eval = log["eval_reward"]
+            log.update(evaluate(m, eval_set, cache, reward_fn, data_dir, cfg, grid, sft_scores))
+            sft_scores = log.pop("eval_sft", sft_scores)  # only without a baseline (eval_every 0 at iteration 0)
+            gains.append((log["eval_gain"], log["eval_gain_se"]))
+            if rank() == 0:
+                print(f"[rl] iteration {it + 1}: held-out paired gain {log['eval_gain']:+.4f} "
+                      f"+- {log['eval_gain_se']:.4f} (SE); gradient cosine {log.get('grad_cos')}")
         if rank() == 0:
             append_jsonl(log_path, log)
             if (it + 1) % cfg.ckpt_every == 0 or it + 1 == cfg.iterations:
-                common.save_checkpoint(ckpt, m.transformer, opt, it + 1, name="rl")
+                save_checkpoint(ckpt, m, opt, it + 1, old)
                 draw_curves(common.read_jsonl(log_path), out / "curves.png")
         barrier()
         common.maybe_die("rl", it + 1)
     if rank() == 0:
         common.save_lora(m.transformer, out / "lora", name="rl", settings=lora_settings(cfg), record=record)
         print(f"[rl] done: {cfg.iterations} iterations ({cfg.iterations - start} this run) in "
-              f"{time.time() - t_start:.1f}s; held-out reward first {first_eval} last {last_eval}")
+              f"{time.time() - t_start:.1f}s; held-out paired gain over SFT (mean, SE): "
+              f"{', '.join(f'{g:+.4f} ({se:.4f})' for g, se in gains) or 'not evaluated'}")
         if cfg.measure_overhead:
             plain, tracked = rollout_overhead(m, train_set, cache, cfg)
             print(f"[rl] rollout overhead: plain Euler {plain:.3f}s, SDE with log-prob tracking {tracked:.3f}s, "

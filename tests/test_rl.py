@@ -202,6 +202,66 @@ def test_one_update_moves_log_probs_with_the_advantage(tiny_dir, tiny_data):
     assert torch.all(delta[adv > 0] > 0) and torch.all(delta[adv < 0] < 0), delta
 
 
+def nft_setup(tiny_dir, tiny_data, adv):
+    m, samples, cache, params = tiny_policy(tiny_dir, tiny_data)
+    cfg = rl.Config(resolution=64, steps=5, group_size=len(adv), algo="nft", optimizer_steps=1)
+    inputs = rl.encode_prompt(m, cache, samples[0], m.device)
+    ro = rl.rollout(m, m.transformer, inputs, list(range(len(adv))), cfg, noise_level=0.0)
+    ro.advantages = torch.tensor(adv)
+    ro.train_mask = torch.ones(len(adv), dtype=torch.bool)
+    return m, params, cfg, ro, (params, [p.detach().clone() for p in params])
+
+
+def test_nft_loss_is_flat_at_the_old_copy_for_average_samples(tiny_dir, tiny_data):
+    """r = 0.5 (advantage 0) and the policy equal to the old copy: the positive and negative pulls
+    cancel exactly (NVlabs/DiffusionNFT, scripts/train_nft_sd3.py lines 928-960), so such a sample
+    teaches nothing; with a non-zero advantage the same point has a gradient."""
+    m, params, cfg, ro, old = nft_setup(tiny_dir, tiny_data, [0.0, 0.0, 0.0])
+    sig = rl.nft_timesteps(ro, cfg, 0)
+    assert sig.shape == (cfg.steps, 3) and torch.all(sig > 0)
+    loss, st = rl.nft_loss(m, m.transformer, ro, sig[1], 1, cfg, old, 0)
+    loss.sum().backward()
+    assert torch.all(st["old_deviate"] == 0)
+    assert max(p.grad.abs().max().item() for p in params) < 1e-7
+    for p in params:
+        p.grad = None
+    ro.advantages = torch.tensor([2.0, -1.0, 0.0])
+    rl.nft_loss(m, m.transformer, ro, sig[1], 1, cfg, old, 0)[0].sum().backward()
+    assert max(p.grad.abs().max().item() for p in params) > 1e-4
+    # the window keeps the highest-noise steps only
+    cfg.timestep_window, cfg.nft_steps = 2, 0
+    w = rl.nft_timesteps(ro, cfg, 0)
+    assert w.shape == (2, 3) and set(w.flatten().tolist()) <= set(ro.sigmas[:2].tolist())
+
+
+def test_nft_update_pulls_toward_good_samples_and_away_from_bad(tiny_dir, tiny_data):
+    """A few NFT steps with advantage +5 on sample 0 and -5 on sample 1 (r = 1 and 0): the policy's
+    x0 prediction from the same noisy points moves toward sample 0 and away from sample 1; the old
+    copy follows the policy by EMA (decay 0 here: it equals the policy afterwards)."""
+    m, params, cfg, ro, old = nft_setup(tiny_dir, tiny_data, [5.0, -5.0])
+    cfg.lr, cfg.nft_decay_rate = 1e-3, 0.0
+    opt = torch.optim.AdamW(params, lr=cfg.lr)
+    sig = torch.full((2,), float(ro.sigmas[2]))
+    x0 = ro.latents[-1]
+
+    def errors():  # |x0_hat - x0| per sample, at fixed noise
+        t5, pooled, refs, hws = ro.inputs
+        eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
+        t = sig.view(2, 1, 1)
+        xt = (1 - t) * x0 + t * eps
+        with torch.no_grad():
+            v = sft.velocity(m, xt, refs.expand(2, -1, -1), sig, t5.expand(2, -1, -1), pooled.expand(2, -1), (4, 4),
+                             hws, cfg.pe, cfg.guidance)
+        return ((xt - t * v - x0) ** 2).mean(dim=(1, 2))
+
+    before = errors()
+    for it in range(3):
+        stats = rl.update_nft(m, params, opt, [ro], cfg, [[0, 1]], old, it)
+    after = errors()
+    assert after[0] < before[0] and after[1] > before[1], (before, after)
+    assert stats["nft_decay"] == 0 and all(torch.equal(p, o) for p, o in zip(*old))
+
+
 def test_optimizer_plan_shuffles_across_prompts():
     """Flow-GRPO (scripts/train_flux_kontext.py, `perm = torch.randperm(total_batch_size)` then the
     rebatch into num_batches_per_epoch) shuffles the samples across prompts before splitting them
@@ -247,8 +307,8 @@ def world_rl_args(root, out, *extra):
 
 def held_out_rewards(root, loras, seeds, n_eval):
     """The reward of the model with `loras` fused on the last n_eval samples (those rl.py holds out),
-    one mean per sampling seed, through rl.py's own evaluate()."""
-    cfg = common.parse_config(rl.Config, "rl", world_rl_args(root, root / "unused"))
+    one mean per sampling seed, through rl.py's own held-out scoring (one noise a prompt, as the run's)."""
+    cfg = common.parse_config(rl.Config, "rl", world_rl_args(root, root / "unused", "--eval_seeds", "1"))
     m = common.load_kontext(cfg.model, "cpu", torch.float32)
     for k, lora in enumerate(loras):
         common.load_lora_into(m.transformer, lora, fuse=True, name=f"l{k}")
@@ -258,7 +318,7 @@ def held_out_rewards(root, loras, seeds, n_eval):
     out = []
     for seed in seeds:
         cfg.seed = seed
-        out.append(rl.evaluate(m, samples[-n_eval:], cache, reward_fn, root / "data", cfg)[0])
+        out.append(float(np.mean(rl.score_held_out(m, samples[-n_eval:], cache, reward_fn, root / "data", cfg)[0]["reward"])))
     return out
 
 
@@ -270,7 +330,8 @@ def test_rl_learns_in_the_shapes_world(shapes_world, tmp_path):
     n_eval, seeds, iters = 16, [0, 1, 2, 3], 15
     cfg = common.parse_config(rl.Config, "rl", world_rl_args(
         shapes_world, tmp_path / "rl", "--iterations", str(iters), "--eval_every", str(iters), "--n_eval",
-        str(n_eval), "--optimizer_steps", "1", "--lr", "1e-3"))
+        str(n_eval), "--optimizer_steps", "1", "--lr", "1e-3", "--algo", "grpo", "--prompts_per_iter", "4",
+        "--group_size", "6", "--eval_seeds", "1"))  # Flow-GRPO as the preset had it, whatever the preset says now
     rl.main(cfg)
     rows = log(tmp_path / "rl")
     assert [r["iter"] for r in rows] == list(range(iters + 1)) and "reward_mean" not in rows[0]
@@ -283,10 +344,13 @@ def test_rl_learns_in_the_shapes_world(shapes_world, tmp_path):
     assert rise > 3 * spread, (before, after)
 
 
-def test_killed_run_resumes_to_same_lora(tmp_path, tiny_data, tiny_dir):
+@pytest.mark.parametrize("algo", ["grpo", "nft"])
+def test_killed_run_resumes_to_same_lora(tmp_path, tiny_data, tiny_dir, algo):
     """SIGKILL at a random iteration, rerun: the same LoRA, and the log has each iteration once
-    (rows past the checkpoint are dropped by "iter"; row 0 is the evaluation before any update)."""
-    args = ("--reward", "test_rl:lr_contrast", "--iterations", "4", "--prompts_per_iter", "2", "--eval_every", "2")
+    (rows past the checkpoint are dropped by "iter"; row 0 is the evaluation before any update).
+    NFT's old copy is in the checkpoint too (with a decay, so it differs from the policy)."""
+    args = ("--reward", "test_rl:lr_contrast", "--iterations", "4", "--prompts_per_iter", "2", "--eval_every", "2",
+            "--algo", algo, "--nft_decay_rate", "0.3")
     a = run_rl(tmp_path, tiny_data, tiny_dir, tmp_path / "a", *args)
     assert a.returncode == 0, a.stderr[-2000:]
     kill_at = random.randint(1, 3)  # a random iteration after some work
@@ -301,6 +365,8 @@ def test_killed_run_resumes_to_same_lora(tmp_path, tiny_data, tiny_dir):
     rows = log(tmp_path / "b")
     assert [r["iter"] for r in rows] == [0, 1, 2, 3, 4]
     assert [r["iter"] for r in rows if "eval_reward" in r] == [0, 2, 4]
+    assert rows[0]["eval_gain"] == 0 and "eval_sft" in rows[0]  # a fresh RL adapter is SFT itself
+    assert all("eval_gain_se" in r and "eval_sft" not in r for r in rows[2::2])
     assert [r.get("rewards") for r in rows] == [r.get("rewards") for r in log(tmp_path / "a")]
     assert (tmp_path / "b" / "curves.png").exists()
 
@@ -417,16 +483,83 @@ def test_sft_lora_settings_are_adopted_and_a_contradiction_refused(tmp_path, tin
     assert cfg.pe == "h"
 
 
-def test_curves_png_draws_both_rewards(tmp_path):
-    rows = [{"iter": 0, "eval_reward": 0.2, "eval_reward_std": 0.05}] + \
-        [{"iter": i, "reward_mean": 0.1 + 0.02 * i, "reward_std": 0.03} for i in range(1, 6)] + \
-        [{"iter": 5, "reward_mean": 0.2, "reward_std": 0.03, "eval_reward": 0.3, "eval_reward_std": 0.04}]
+def test_curves_png_draws_rewards_gain_band_and_cosine(tmp_path):
+    rows = [{"iter": 0, "eval_reward": 0.2, "eval_sft_reward": 0.2, "eval_gain": 0.0, "eval_gain_se": 0.0}] + \
+        [{"iter": i, "reward_mean": 0.1 + 0.02 * i, "reward_std": 0.03, "grad_cos": 0.1 * i} for i in range(1, 6)] + \
+        [{"iter": 5, "reward_mean": 0.2, "reward_std": 0.03, "eval_reward": 0.3, "eval_sft_reward": 0.2,
+          "eval_gain": 0.1, "eval_gain_se": 0.02, "grad_cos": None}]
     rl.draw_curves(rows, tmp_path / "c.png")
-    a = np.asarray(Image.open(tmp_path / "c.png").convert("RGB")).reshape(-1, 3)
-    colours = {tuple(c) for c in a[::7]}
-    train, held = common.CHART_COLORS[:2]
-    assert train in colours and held in colours and common.band_color(train) in colours
+    a = np.asarray(Image.open(tmp_path / "c.png").convert("RGB"))
+    third = a.shape[1] // 3
+    colours = [{tuple(c) for c in a[:, k * third:(k + 1) * third].reshape(-1, 3)} for k in range(3)]
+    train, held, sft_col = common.CHART_COLORS[:3]
+    assert {train, held, sft_col, common.band_color(train)} <= colours[0]
+    assert {train, common.band_color(train)} <= colours[1]  # the paired gain, with its +-SE band
+    assert train in colours[2] and common.band_color(train) not in colours[2]  # the cosine, no band
     rl.draw_curves([], tmp_path / "empty.png")  # a fresh run's first checkpoint has no eval yet
+
+
+def test_paired_gain_and_its_standard_error():
+    """Seeds of one prompt are averaged before the SE: the prompt is the unit of the SE."""
+    base = np.array([0.5, 0.5, 0.2, 0.2, 0.9, 0.9])  # 3 prompts x 2 seeds
+    d = np.array([0.1, 0.3, 0.0, 0.0, -0.1, 0.1])
+    gain, se = rl.paired_gain(base + d, base, 3)
+    per_prompt = np.array([0.2, 0.0, 0.0])
+    assert gain == pytest.approx(d.mean()) and se == pytest.approx(per_prompt.std(ddof=1) / math.sqrt(3))
+    gain, se = rl.paired_gain([1.0, float("nan"), 2.0, 2.0], [0.0, 0.0, 1.0, 1.0], 2)  # a NaN pair is left out
+    assert gain == pytest.approx(1.0) and se == 0.0
+    assert math.isnan(rl.paired_gain([1.0], [0.0], 1)[1])
+
+
+def test_paired_eval_shares_prompts_and_noise_with_sft(tiny_dir, tiny_data):
+    """evaluate() scores SFT (the RL adapter off) and the policy on the same initial noise: with the
+    adapter at zero (a fresh RL LoRA) the gain is exactly 0 image by image; with a trained adapter it
+    is not, the SFT scores passed back in give the same answer as recomputing them, and the SFT
+    scores are those of the model without the adapter."""
+    m, samples, cache, params = tiny_policy(tiny_dir, tiny_data)
+    cfg = rl.Config(resolution=64, steps=4, eval_seeds=2)
+    held = samples[-3:]
+    row = rl.evaluate(m, held, cache, lr_contrast, tiny_data, cfg)
+    assert row["eval_images"] == 6 and len(row["eval_sft"]["reward"]) == 6 and row["eval_gain"] != 0
+    again = rl.evaluate(m, held, cache, lr_contrast, tiny_data, cfg, sft_scores=row["eval_sft"])
+    assert "eval_sft" not in again and again["eval_gain"] == row["eval_gain"]
+    assert again["eval_gain_se"] == row["eval_gain_se"] > 0
+    m.transformer.disable_adapters()
+    plain = rl.score_held_out(m, held, cache, lr_contrast, tiny_data, cfg)[0]["reward"]
+    m.transformer.enable_adapters()
+    assert np.allclose(plain, row["eval_sft"]["reward"], atol=1e-6)
+    seeds = [rl.eval_seeds(cfg, k) for k in range(3)]
+    assert len({s for ss in seeds for s in ss}) == 6  # every image its own noise
+    with torch.no_grad():
+        for p in params:
+            p.zero_()
+    zero = rl.evaluate(m, held, cache, lr_contrast, tiny_data, cfg)
+    assert zero["eval_gain"] == 0 and zero["eval_gain_se"] == 0 and zero["eval_reward"] == zero["eval_sft_reward"]
+
+
+def test_gradient_cosines_read_the_gradients(tiny_dir, tiny_data):
+    """Two rollout batches of the same samples, with equal or with negated advantages. One optimizer
+    step: its two halves (one batch each, the same parameters) agree (grad_cos 1) or oppose (-1).
+    Two optimizer steps (lr tiny): the consecutive steps' gradients do the same (grad_cos_steps)."""
+    m, samples, cache, params = tiny_policy(tiny_dir, tiny_data)
+    inputs = rl.encode_prompt(m, cache, samples[0], m.device)
+
+    def two_batches(cfg, sign):
+        a = rl.rollout(m, m.transformer, inputs, [1, 2, 3, 4], cfg, ids=[0, 1, 2, 3])
+        b = rl.rollout(m, m.transformer, inputs, [1, 2, 3, 4], cfg, ids=[4, 5, 6, 7])
+        a.advantages, b.advantages = torch.tensor([1.0, -1.0, 0.5, -0.5]), sign * torch.tensor([1.0, -1.0, 0.5, -0.5])
+        a.train_mask = b.train_mask = torch.ones(4, dtype=torch.bool)
+        return [a, b]
+
+    for sign in (1.0, -1.0):
+        cfg = rl.Config(resolution=64, steps=4, group_size=4, lr=1e-9, optimizer_steps=1)
+        stats = rl.update(m, params, torch.optim.AdamW(params, lr=cfg.lr), two_batches(cfg, sign), cfg)
+        assert stats["optimizer_steps"] == 1 and stats["grad_cos_steps"] is None and stats["grad_norm"] > 0
+        assert stats["grad_cos"] == pytest.approx(sign, abs=1e-5), stats
+        cfg.optimizer_steps = 2
+        stats = rl.update(m, params, torch.optim.AdamW(params, lr=cfg.lr), two_batches(cfg, sign), cfg)
+        assert stats["optimizer_steps"] == 2 and stats["grad_cos"] is None  # one batch a step: no halves
+        assert stats["grad_cos_steps"] == pytest.approx(sign, abs=1e-3), stats
 
 
 def test_missing_sft_lora_names_the_stage(tmp_path, tiny_data, tiny_dir):
