@@ -98,33 +98,33 @@ class Config(RewardConfig):
     pe: str = "frame"
     guidance: float = 2.5
     steps: int = 28               # denoising steps per rollout
-    group_size: int = 6
+    group_size: int = 6            # G: images per prompt; advantages are normalised within each group (the paper: 6)
     prompts_per_iter: int = 8     # drawn without replacement
     rollout_batch: int = 0        # samples per sampling (and training) batch, a piece of one group; 0: G
-    iterations: int = 1000
-    noise_level: float = 0.7
-    lr: float = 1e-5
-    weight_decay: float = 1e-4
-    lora_rank: int = 64
-    lora_alpha: float = 128.0
-    clip_range: float = 1e-4
+    iterations: int = 1000         # RL iterations (rollouts, then optimizer_steps updates)
+    noise_level: float = 0.7       # grpo: the SDE sampler's noise scale a (Flow-GRPO's noise_level)
+    lr: float = 1e-5               # AdamW learning rate of the RL LoRA
+    weight_decay: float = 1e-4     # AdamW weight decay
+    lora_rank: int = 64            # rank of the RL LoRA, trained on top of the fused SFT LoRA
+    lora_alpha: float = 128.0      # LoRA scale numerator (scale = alpha / rank)
+    clip_range: float = 1e-4       # grpo: PPO clip of the ratio's distance from 1 (Flow-GRPO's 1e-4)
     optimizer_steps: int = 2      # per iteration; Flow-GRPO's configs take two (accumulation = batches / 2)
-    adv_clip: float = 5.0
+    adv_clip: float = 5.0          # advantages clipped to +-this before the loss
     beta: float = 0.0             # KL to the model without the RL adapter; off, as in Flow-GRPO's Kontext run
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0         # gradient norm clip per optimizer step
     algo: str = "grpo"            # grpo (Flow-GRPO, the paper's) | nft (DiffusionNFT, on ODE samples)
     nft_beta: float = 1.0         # nft: the implicit policies' step, their config.beta (0.1 for their OCR run)
     nft_steps: int = 0            # nft: training timesteps per sample, drawn from the window; 0: all of it
     timestep_window: int = 0      # nft: train only at the first (highest-noise) this many sampler steps; 0: all
     nft_decay_rate: float = 0.001  # nft: the old copy's EMA decay = min(rate x iteration, max) (their decay_type 1)
-    nft_decay_max: float = 0.5
+    nft_decay_max: float = 0.5     # nft: the cap of the old copy's EMA decay
     reward: str = "mix"           # mix (rewards.py, with the reward knobs) | brightness (mean pixel value) | module:function
     n_eval: int = 4               # held-out prompts (the dataset's last ones) for the paired eval curve
     eval_seeds: int = 1           # initial noises per held-out prompt, the same for SFT and the policy
-    eval_every: int = 10
-    ckpt_every: int = 1
+    eval_every: int = 10           # iterations between paired held-out evals (0: only at the end)
+    ckpt_every: int = 1            # iterations between checkpoints (a killed run resumes from the last)
     kernels: str = "torch"
-    measure_overhead: bool = False
+    measure_overhead: bool = False  # time the sampler, the reward and the update separately, printed per iteration
     seed: int = 0
 
 

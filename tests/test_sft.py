@@ -320,12 +320,7 @@ def test_lora_with_a_missing_key_is_refused(tmp_path, tiny_dir, straight):
         common.load_lora_into(m.transformer, tmp_path / "k" / "lora")
 
 
-# rl.py's and make_data.py's knob texts are their owners' (issue 29): drop the xfail once they describe every knob
-OTHERS = pytest.mark.xfail(reason="knob descriptions of this stage are written by its owner", strict=False)
-
-
-@pytest.mark.parametrize("stage", [pytest.param("make_data", marks=OTHERS), "sft", "rewards",
-                                   pytest.param("rl", marks=OTHERS), "bench"])
+@pytest.mark.parametrize("stage", ["make_data", "sft", "rewards", "rl", "bench"])
 def test_help_lists_and_describes_every_knob(stage):
     # before (issue 29): 29 of rl.py's 57 knobs, 19 of bench.py's and 14 of rewards.py's had no description
     res = subprocess.run([sys.executable, str(ROOT / f"{stage}.py"), "--help"], capture_output=True, text=True)
