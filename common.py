@@ -117,7 +117,7 @@ def stage_knobs():
 
     classes = {}
     for stage, (file, _) in PRESET_SECTIONS.items():
-        path = ROOT / file
+        path = Path(__file__).resolve().parent / file  # the stages' code, even where ROOT (runs/) is moved
         if not path.exists():
             continue
         for node in ast.walk(ast.parse(path.read_text())):

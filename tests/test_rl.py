@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import rl
 import common
@@ -462,7 +462,7 @@ def test_sft_lora_settings_are_adopted_and_a_contradiction_refused(tmp_path, tin
     `--pe frame` is refused with a message naming both (before any model is loaded)."""
     sft_dir = tmp_path / "sft"
     sft_dir.mkdir()
-    (sft_dir / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    save_file({"unused": torch.zeros(1)}, str(sft_dir / "pytorch_lora_weights.safetensors"))  # a readable file
     (sft_dir / "config.json").write_text(json.dumps({"settings": {"pe": "h", "guidance": 2.5, "resolution": 64}}))
     base = ["--preset", "tiny", "--data", str(tiny_data), "--tiny_dir", tiny_dir, "--sft_lora", str(sft_dir),
             "--out", str(tmp_path / "rl")]
