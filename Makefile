@@ -10,7 +10,7 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
-.PHONY: test tiny shapes shapes-ablation
+.PHONY: test tiny shapes shapes-ablation shapes-scaling
 # --durations: wall seconds of the slowest tests; --cpu-durations (tests/conftest.py): CPU seconds, which
 # other jobs on the machine change much less.
 test: $(VENV)/.installed
@@ -52,3 +52,15 @@ shapes-ablation: $(VENV)/.installed
 	  $(PY) bench.py --preset shapes --psrbench $(SB)/psrbench --pe $$pe --lora $(ABL)/$$run-sft/lora \
 	    --name $$run --out $(ABL)/$$run; files="$$files,$(ABL)/$$run/scores.json"; done; done; \
 	$(PY) bench.py --preset shapes --ablation "$${files#,}" --out $(ABL)
+
+# Subject-count scaling (issue 24): base, SFT and RL of `make shapes` benched on held-out sets of 2 to 8
+# subjects, three generation seeds each (world/scaling.py). The world and the three models come from
+# the shapes stages, each of which resumes (a finished one returns at once); then
+# runs/shapes-scaling/table.md and scaling.png. ITEMS and SCALING_SEEDS override its size.
+ITEMS ?= 40
+SCALING_SEEDS ?= 0,1,2
+shapes-scaling: $(VENV)/.installed
+	@set -e; SECONDS=0; $(PY) -m world; $(PY) make_data.py --preset shapes; $(PY) sft.py --preset shapes; \
+	$(PY) rl.py --preset shapes; echo "[shapes-scaling] the shapes stages took $$SECONDS s"; SECONDS=0; \
+	$(PY) -m world.scaling --items $(ITEMS) --seeds $(SCALING_SEEDS); \
+	echo "[shapes-scaling] benching took $$SECONDS s. Table: runs/shapes-scaling/table.md, plot: runs/shapes-scaling/scaling.png"

@@ -58,6 +58,11 @@ from rewards import RewardConfig, iou
 from common import barrier, image_grid, parse_config, rank, run_stage, save_png, world, write_json
 
 SUBSETS = ("Attribute", "Action", "Background", "Position", "Complex", "Three", "Four")
+# Ours (issue 24): sets of 2 to 8 subjects shown together, in PSRBench's layout (world/scaling.py builds
+# them), so subject consistency can be read against the subject count. Three and Four are PSRBench's
+# own names for that task; the judge scores every set with its all-content template, as it does those.
+COUNT_SUBSETS = ("Two", "Three", "Four", "Five", "Six", "Seven", "Eight")
+KNOWN_SUBSETS = SUBSETS + tuple(s for s in COUNT_SUBSETS if s not in SUBSETS)
 DIMENSIONS = ("subject_consistency", "subject_consistency_strict", "semantic_alignment", "semantic_alignment_strict",
               "aesthetics")
 STRICT = ("subject_consistency_strict", "semantic_alignment_strict")  # every item counts, a failure as 0
@@ -75,7 +80,7 @@ class Config(RewardConfig):
     lora: str = "auto"            # comma list of LoRA folders fused in order; auto: the preset's runs.
                                   # With --refs, give --lora once per model to compare (or split models with ';')
     name: str = ""                # the model's name in the report
-    subsets: str = ",".join(SUBSETS)  # comma list of the subsets to bench
+    subsets: str = ",".join(SUBSETS)  # comma list of the subsets to bench (or of COUNT_SUBSETS: Two ... Eight)
     first_k: int = 0              # 0: every item
     resolution: int = 512
     steps: int = 28               # Euler sampling steps per image
@@ -180,6 +185,9 @@ def load_psrbench(folder, subsets, first_k=0):
     bench = {}
     for subset in subsets:
         path = folder / f"{subset}.json"
+        if not path.exists() and subset not in SUBSETS:
+            raise SystemExit(f"{path} not found: a subject-count folder holds {', '.join(s + '.json' for s in COUNT_SUBSETS)}"
+                             f" (python -m world.scaling builds the shapes world's)")
         if not path.exists():
             raise SystemExit(f"{path} not found: a PSRBench folder holds {', '.join(s + '.json' for s in SUBSETS)}")
         items = json.loads(path.read_text())
@@ -200,11 +208,11 @@ def results_jsons(results):
     holding <Subset>.json files gives each. {} when --results is a folder of images."""
     res = Path(results)
     if res.is_file():
-        subset = next((s for s in SUBSETS if s.lower() == res.stem.lower()), None)
+        subset = next((s for s in KNOWN_SUBSETS if s.lower() == res.stem.lower()), None)
         if subset is None:
-            raise SystemExit(f"--results {res}: name the file after its subset ({', '.join(SUBSETS)})")
+            raise SystemExit(f"--results {res}: name the file after its subset ({', '.join(KNOWN_SUBSETS)})")
         return {subset: json.loads(res.read_text())}
-    return {s: json.loads((res / f"{s}.json").read_text()) for s in SUBSETS if (res / f"{s}.json").exists()}
+    return {s: json.loads((res / f"{s}.json").read_text()) for s in KNOWN_SUBSETS if (res / f"{s}.json").exists()}
 
 
 def result_path(cfg, out, subset, index, item, jsons=None):
@@ -407,7 +415,7 @@ def score_all(cfg, bench, folder, out, device):
         gathered = [None] * world()
         torch.distributed.all_gather_object(gathered, rows)
         rows = [r for part in gathered for r in part]
-    return sorted(rows, key=lambda r: (SUBSETS.index(r["subset"]), r["index"]))
+    return sorted(rows, key=lambda r: (KNOWN_SUBSETS.index(r["subset"]), r["index"]))
 
 
 def scored_before(out):
@@ -455,6 +463,15 @@ def summarize(rows, subsets):
 # ----------------------------------------------------------------------------------------------
 # Report: a markdown table like the paper's, a radar chart per dimension, a contact sheet.
 
+def shown_subsets(models):
+    """The subsets a report lays out: PSRBench's seven, then any subject-count set a row holds; a run of
+    subject-count sets alone (world/scaling.py) shows those, in count order."""
+    have = {s for _, sc in models for s in sc["subsets"]}
+    if have and have <= set(COUNT_SUBSETS):
+        return [s for s in COUNT_SUBSETS if s in have]
+    return list(SUBSETS) + [s for s in COUNT_SUBSETS if s in have and s not in SUBSETS]
+
+
 def report_md(models):
     """models: list of (name, scores). Rows are models, columns the dimensions (overall), then per subset."""
     lines = ["| model | subject consistency | SC (strict) | semantic alignment | SA (strict) | aesthetics (HPSv3/10) "
@@ -467,12 +484,13 @@ def report_md(models):
     lines += ["", "Overall is the mean of the subset means. Strict columns count every item (a failed item, an "
               "undetected subject, a judge answer without a number score 0); the others follow the authors' "
               "scripts and leave failed items out. NaN: no model for that dimension in this preset."]
+    shown = shown_subsets(models)
     for dim in DIMENSIONS:
         lines += ["", f"**{dim}** per subset (items scored in parentheses)", "",
-                  "| model | " + " | ".join(SUBSETS) + " |", "|---" * (len(SUBSETS) + 1) + "|"]
+                  "| model | " + " | ".join(shown) + " |", "|---" * (len(shown) + 1) + "|"]
         for name, sc in models:
             cells = [f"{sc['subsets'][s].get(dim, float('nan')):.3f} ({sc['subsets'][s]['n']})" if s in sc["subsets"] else "-"
-                     for s in SUBSETS]
+                     for s in shown]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     unparsed = [(name, s, a) for name, sc in models for s, e in sc["subsets"].items() for a in e.get("unparsed_answers", [])]
     if unparsed:
@@ -489,10 +507,10 @@ COLORS = [(220, 50, 50), (40, 110, 220), (40, 160, 70), (230, 150, 20), (140, 60
 
 
 def radar(models, size=360):
-    """One radar per dimension, seven axes (subsets), every model overlaid; drawn with PIL."""
-    panels = []
+    """One radar per dimension, one axis per subset (shown_subsets), every model overlaid; drawn with PIL."""
+    panels, shown = [], shown_subsets(models)
     for dim in DIMENSIONS:
-        vals = [[sc["subsets"].get(s, {}).get(dim, float("nan")) for s in SUBSETS] for _, sc in models]
+        vals = [[sc["subsets"].get(s, {}).get(dim, float("nan")) for s in shown] for _, sc in models]
         # One fixed scale per dimension for every model and every run: scores in [0, 1] on 0..1 (a 0.007
         # gap looks like 0.007), aesthetics (HPSv3/10, unbounded) up to its next multiple of 0.5.
         seen = [v for row in vals for v in row if not math.isnan(v)]
@@ -500,11 +518,11 @@ def radar(models, size=360):
         img = Image.new("RGB", (size, size + 30), "white")
         d = ImageDraw.Draw(img)
         c, r = size / 2, size / 2 - 40
-        ang = [-math.pi / 2 + 2 * math.pi * k / len(SUBSETS) for k in range(len(SUBSETS))]
+        ang = [-math.pi / 2 + 2 * math.pi * k / len(shown) for k in range(len(shown))]
         for frac in (0.25, 0.5, 0.75, 1.0):
             d.polygon([(c + r * frac * math.cos(a), c + r * frac * math.sin(a)) for a in ang], outline=(210, 210, 210))
             d.text((c + 3, c - r * frac - 11), f"{top * frac:g}", fill=(120, 120, 120))  # ring value, on the top axis
-        for a, s in zip(ang, SUBSETS):
+        for a, s in zip(ang, shown):
             d.line([(c, c), (c + r * math.cos(a), c + r * math.sin(a))], fill=(200, 200, 200))
             tx = c + (r + 14) * math.cos(a)
             d.text((tx - (50 if math.cos(a) > 0.3 else 25 if math.cos(a) > -0.3 else 5), c + (r + 14) * math.sin(a) - 5),
@@ -582,7 +600,7 @@ def compare_sheet(score_files, per_subset=2):
         return None  # scores.json from before these fields: no pictures to put side by side
     folder = Path(scores[0]["psrbench"])
     rows = []
-    for subset in SUBSETS:
+    for subset in KNOWN_SUBSETS:
         if not (folder / f"{subset}.json").exists():
             continue
         for i, item in enumerate(json.loads((folder / f"{subset}.json").read_text())[:per_subset]):
@@ -591,7 +609,9 @@ def compare_sheet(score_files, per_subset=2):
             for sc in scores:
                 path = Path(sc["images"]) / subset / f"{i}.png"
                 outs.append(Image.open(path).convert("RGB") if path.exists() else Image.new("RGB", (64, 64), (255, 0, 255)))
-            rows.append(refs + [Image.new("RGB", (8, 8), "white")] * (4 - len(refs)) + outs)
+            rows.append((refs, outs))
+    width = max([4] + [len(refs) for refs, _ in rows])  # the outputs line up in columns after the widest item's refs
+    rows = [refs + [Image.new("RGB", (8, 8), "white")] * (width - len(refs)) + outs for refs, outs in rows]
     return image_grid(rows, cell=96) if rows else None
 
 
@@ -1033,9 +1053,10 @@ def main(cfg):
     subsets = [s for s in cfg.subsets.split(",") if s]
     if cfg.results and Path(cfg.results).is_file():  # one subset's JSON: score that subset only
         subsets = list(results_jsons(cfg.results))
-    unknown = [s for s in subsets if s not in SUBSETS]
+    unknown = [s for s in subsets if s not in KNOWN_SUBSETS]
     if unknown:
-        raise SystemExit(f"unknown subset(s) {unknown}; PSRBench has {', '.join(SUBSETS)}")
+        raise SystemExit(f"unknown subset(s) {unknown}; PSRBench has {', '.join(SUBSETS)}, and the subject-count "
+                         f"sets {', '.join(COUNT_SUBSETS)}")
     bench = load_psrbench(folder, subsets, cfg.first_k)
     made = 0 if cfg.results else generate_all(cfg, bench, folder, out, loras, device)
     barrier()

@@ -34,8 +34,8 @@ import base64
 import concurrent.futures as cf
 import importlib.util
 import io
-import itertools
 import json
+import math
 import os
 import re
 import time
@@ -195,7 +195,8 @@ def reference_features(refs, categories, detector, embed):
 def official_box_index(categories, k):
     """Which of subject k's category boxes the authors' scripts take. eval-2-subject-sc.py: when
     category1 == category2 (as written) subject 1 takes box 0 and subject 2 box 1, else box 0 each;
-    eval-3-subject-sc.py and eval-4-subject-sc.py take box 0 for every subject."""
+    eval-3-subject-sc.py and eval-4-subject-sc.py take box 0 for every subject, and so do our sets of
+    5 to 8 subjects (bench.COUNT_SUBSETS), for which the authors have no script."""
     if len(categories) == 2 and categories[0] == categories[1]:
         return k
     return 0
@@ -275,23 +276,38 @@ def strict_pairing(i, cats, rf, feats, where):
 
 
 def best_assignment(sim):
-    """One-to-one subjects -> boxes maximizing summed similarity (at most 4 subjects: brute force)."""
+    """One-to-one subjects -> boxes maximizing the summed similarity, with as many pairs as the smaller
+    side allows: every subject gets a box when there are enough boxes, else every box a subject (the
+    rest get None). sim: [subjects, boxes]; returns each subject's box index or None.
+
+    Exact, by dynamic programming over the boxes in order and the set of subjects already given one
+    (a bitmask): O(boxes * 2^subjects * subjects). Eight subjects of one category with 3 candidates
+    each (24 boxes) take 24 * 256 * 8 steps, where trying every ordering would take 24!/16! = 3e10.
+    """
     n_subj, n_box = sim.shape
-    best, best_perm = -float("inf"), None
-    if n_box >= n_subj:
-        for perm in itertools.permutations(range(n_box), n_subj):
-            total = sum(sim[i, j] for i, j in enumerate(perm))
-            if total > best:
-                best, best_perm = total, perm
-        return list(best_perm)
-    # fewer boxes than subjects: each box goes to one subject, the rest get none
+    full = 1 << n_subj
+    best = [-math.inf] * full  # best[mask]: top total so far with exactly the subjects in mask placed
+    best[0] = 0.0
+    took = []                  # per box: {mask after it: (subject it went to, mask before)}
+    for j in range(n_box):
+        new, came = best[:], {}  # box j left unused keeps every total
+        for mask in range(full):
+            if best[mask] == -math.inf:
+                continue
+            for s in range(n_subj):
+                if not mask >> s & 1:
+                    total = best[mask] + float(sim[s, j])
+                    if total > new[mask | 1 << s]:
+                        new[mask | 1 << s], came[mask | 1 << s] = total, (s, mask)
+        best = new
+        took.append(came)
+    need = min(n_subj, n_box)
+    mask = max((m for m in range(full) if bin(m).count("1") == need), key=lambda m: best[m])
     assign = [None] * n_subj
-    for subjects in itertools.permutations(range(n_subj), n_box):
-        total = sum(sim[s, j] for j, s in enumerate(subjects))
-        if total > best:
-            best, best_perm = total, subjects
-    for j, s in enumerate(best_perm):
-        assign[s] = j
+    for j in reversed(range(n_box)):  # walk back: which subject, if any, each box went to
+        if mask in took[j]:
+            s, mask = took[j][mask]
+            assign[s] = j
     return assign
 
 

@@ -569,3 +569,26 @@ def test_batched_generation_is_each_item_alone(tmp_path, psrbench, tiny_dir):
     items = {"Action": list(range(5)), "Four": list(range(2))}
     assert [[(s, i) for s, i, _ in c] for c in bench.generation_chunks(cfg, items)] == \
         [[("Action", 0), ("Action", 1), ("Action", 2)], [("Action", 3), ("Action", 4)], [("Four", 0), ("Four", 1)]]
+
+
+def test_subject_count_sets_with_varied_references_are_benched(tmp_path, tiny_dir):
+    """Issue 24's sets (2 and 5 subjects, references of varied size and aspect ratio) through generation,
+    scoring and the report: the stages take 5 references of different shapes in one item."""
+    from PIL import Image
+
+    from world import scaling
+
+    cfg = scaling.Config(counts=(2, 5), items=2, size=64, varied_refs=True)
+    folder = scaling.build_sets(cfg, tmp_path / "sets")
+    shapes = {Image.open(folder / p).size for it in json.loads((folder / "Five.json").read_text())
+              for p in it["input_path"]}
+    assert len({round(w / h, 1) for w, h in shapes}) > 1  # not all one aspect ratio
+    out = run(tmp_path, tiny_dir, "--psrbench", str(folder), "--subsets", "Two,Five", "--out", str(tmp_path / "gen"))
+    scores = json.loads((out / "scores.json").read_text())
+    assert list(scores["subsets"]) == ["Two", "Five"]
+    for s in ("Two", "Five"):
+        assert scores["subsets"][s]["n"] == 2 and scores["subsets"][s]["failed"] == []
+        assert all(Image.open(out / "images" / s / f"{i}.png").size == (64, 64) for i in range(2))
+    assert "| model | Two | Five |" in (out / "report.md").read_text()
+    with pytest.raises(SystemExit, match="subject-count folder holds Two.json"):
+        run(tmp_path, tiny_dir, "--psrbench", str(folder), "--subsets", "Eight", "--out", str(tmp_path / "g8"))

@@ -114,6 +114,52 @@ def test_best_assignment_one_to_one():
     assert rewards.best_assignment(np.array([[0.2], [0.7]])) == [None, 0]
 
 
+def permutation_assignment(sim):
+    """best_assignment as it was (a search over every ordering, exact up to 4 subjects): the reference."""
+    import itertools
+
+    n_subj, n_box = sim.shape
+    best, best_perm = -float("inf"), None
+    if n_box >= n_subj:
+        for perm in itertools.permutations(range(n_box), n_subj):
+            total = sum(sim[i, j] for i, j in enumerate(perm))
+            if total > best:
+                best, best_perm = total, perm
+        return list(best_perm)
+    assign = [None] * n_subj
+    for subjects in itertools.permutations(range(n_subj), n_box):
+        total = sum(sim[s, j] for j, s in enumerate(subjects))
+        if total > best:
+            best, best_perm = total, subjects
+    for j, s in enumerate(best_perm):
+        assign[s] = j
+    return assign
+
+
+def test_best_assignment_is_the_permutation_search_up_to_four_subjects_and_scales_to_eight():
+    import time
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for n_subj in range(1, 5):
+        for n_box in range(0, 3 * n_subj + 1):  # fewer boxes than subjects, as many, and the 3 candidates each
+            for _ in range(8):
+                sim = rng.uniform(-1, 1, (n_subj, n_box))
+                assert rewards.best_assignment(sim) == permutation_assignment(sim), (n_subj, n_box, sim)
+    sim = rng.uniform(-1, 1, (6, 7))  # past four subjects, still small enough to search every ordering
+    assert rewards.best_assignment(sim) == permutation_assignment(sim)
+    sim = rng.uniform(-1, 1, (7, 3))
+    assert rewards.best_assignment(sim) == permutation_assignment(sim)
+    # 8 subjects of one category, 3 candidates each: a planted optimum (every other pair scores far lower)
+    planted = rng.permutation(24)[:8]
+    sim = rng.uniform(0, 0.1, (8, 24))
+    sim[np.arange(8), planted] += 1.0
+    t0 = time.perf_counter()
+    assert rewards.best_assignment(sim) == planted.tolist()
+    assert time.perf_counter() - t0 < 2.0  # 49k steps; the ordering search would take 3e10
+
+
 def test_grounding_dino_batching_thresholds_and_boxes(detector):
     refs = refs_for(SUBJECTS)
     images = [paste(refs, [LEFT, RIGHT]), paste(refs[::-1], [LEFT, RIGHT]), refs[0].resize((96, 80))]

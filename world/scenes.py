@@ -6,7 +6,9 @@ since instructions name subjects by category alone. draw_sample(index, seed, siz
 id_offset) makes one training sample of the dataset format (DESIGN 2.1) as a pure function of
 (seed, index): the subjects, the instruction of its task, the target that composes them as the
 instruction says, and one reference per subject (another pose, another backdrop, so SFT cannot copy
-pixels). It needs no model, so the tiny preset's pictures mean something.
+pixels). It needs no model, so the tiny preset's pictures mean something. draw_group(index, seed,
+size, n) draws the subject-count sets (issue 24, world/scaling.py): 2 to 8 subjects shown together,
+with square references or, with varied_refs, references of varied size and aspect ratio.
 
 The stages never import this file. Presets name it: configs/tiny.json and configs/shapes.json set
 "source": "world.scenes:draw_sample", which make_data.py draws its dataset with and bench.py its
@@ -107,14 +109,29 @@ def draw_subject(canvas, subject, cx, cy, r, angle=0.0, attribute=None):
     return (cx - r, cy - r * (1.6 if attribute == "hat" else 1.0), cx + r, cy + r)
 
 
-def draw_reference(subject, size, rng):
-    """The subject alone, in another pose and on another backdrop, so SFT cannot copy pixels."""
+def draw_reference(subject, size, rng, height=None):
+    """The subject alone, in another pose and on another backdrop, so SFT cannot copy pixels.
+    `size` is the width; `height` (default: `size`, a square) gives a reference of another shape."""
+    w, h = size, size if height is None else height
     bg = tuple(int(v) for v in rng.choice([(230, 230, 220), (210, 225, 235), (235, 215, 215), (220, 235, 215)]))
-    im = Image.new("RGB", (size, size), bg)
-    r = size * rng.uniform(0.28, 0.38)
-    draw_subject(im, subject, size / 2 + rng.uniform(-0.08, 0.08) * size,
-                 size / 2 + rng.uniform(-0.08, 0.08) * size, r, angle=rng.uniform(-25, 25))
+    im = Image.new("RGB", (w, h), bg)
+    r = min(w, h) * rng.uniform(0.28, 0.38)
+    draw_subject(im, subject, w / 2 + rng.uniform(-0.08, 0.08) * w,
+                 h / 2 + rng.uniform(-0.08, 0.08) * h, r, angle=rng.uniform(-25, 25))
     return im
+
+
+# width:height of varied references; the stages scale every reference to about the target's area
+# keeping this ratio (common.ref_size), so the ratio is what a model sees and the size is not
+REF_ASPECTS = ((1, 1), (4, 3), (3, 4), (2, 1), (1, 2))
+
+
+def reference_size(size, rng):
+    """(width, height) of a varied reference: one of REF_ASPECTS at 0.5 to 2 times size^2 pixels."""
+    aw, ah = rng.choice(REF_ASPECTS)
+    area = size * size * rng.uniform(0.5, 2.0)
+    w = max(8, round(math.sqrt(area * aw / ah)))
+    return w, max(8, round(w * ah / aw))
 
 
 def layout(n, size, rng, relation=None):
@@ -146,15 +163,12 @@ def draw_sample(index, seed, size, task_mix, id_offset=0):
     rng = random.Random(f"{seed}-{index + id_offset}")
     task = rng.choices(TASKS, weights=task_mix)[0]
     n = {"three": 3, "four": 4}.get(task, 2)
-    shapes = rng.sample(SHAPES, n)
-    subjects = [{"shape": s, "color": rng.choice(list(COLORS)), "texture": rng.choice(TEXTURES),
-                 "phase": rng.randrange(8)} for s in shapes]
+    subjects = random_subjects(rng, n)
     bg_name = "white"
     attr = {}
     angle = {}
     relation = None
-    names = [f"the {s['shape']}" for s in subjects]
-    listed = ", ".join(names[:-1]) + f" and {names[-1]}"
+    names, listed = listing(subjects)
     if task == "attribute":
         k, phrase = rng.randrange(n), rng.choice(list(ATTRIBUTES))
         attr[k] = ATTRIBUTES[phrase]
@@ -182,6 +196,67 @@ def draw_sample(index, seed, size, task_mix, id_offset=0):
              for k, (s, (cx, cy)) in enumerate(zip(subjects, centres))]
     refs = [draw_reference(s, size, rng) for s in subjects]
     sid = f"{task}-{index + id_offset:07d}"
-    meta = {"source": "procedural", "identities": [{k: s[k] for k in ("color", "texture")} for s in subjects],
-            "boxes": [[round(v, 1) for v in b] for b in boxes], "background": bg_name, "relation": relation}
-    return sid, task, instruction, subjects, target, refs, meta
+    return sid, task, instruction, subjects, target, refs, sample_meta(subjects, boxes, bg_name, relation)
+
+
+def random_subjects(rng, n):
+    """n subjects of n different shapes (instructions name subjects by shape alone)."""
+    return [{"shape": s, "color": rng.choice(list(COLORS)), "texture": rng.choice(TEXTURES),
+             "phase": rng.randrange(8)} for s in rng.sample(SHAPES, n)]
+
+
+def listing(subjects):
+    """(["the circle", ...], "the circle, the star and the ring"): how instructions name them."""
+    names = [f"the {s['shape']}" for s in subjects]
+    return names, ", ".join(names[:-1]) + f" and {names[-1]}"
+
+
+def sample_meta(subjects, boxes, background, relation):
+    return {"source": "procedural", "identities": [{k: s[k] for k in ("color", "texture")} for s in subjects],
+            "boxes": [[round(v, 1) for v in b] for b in boxes], "background": background, "relation": relation}
+
+
+# ----------------------------------------------------------------------------------------------
+# Subject-count sets (issue 24): 2 to 8 subjects shown together, to bench how subject consistency
+# scales with the count (world/scaling.py). Training draws (draw_sample) never use this section.
+#
+# Up to 4 subjects take draw_sample's layouts (the counts the models train on look as they did in
+# training); 5 to 8 go on rows of three, which at 32 px leaves a radius of 4.3 px against 5.7 px for
+# 3-4 subjects and 6.2 px for 2 (world/scaling.py measures what the world's detector still sees).
+
+def grid_layout(n, size, rng):
+    """Centres and radius for 5-8 subjects: rows of three in reading order, a short last row centred,
+    each centre jittered by up to 3% of the image; the radius is 0.4 of the smaller cell side, so
+    neighbours never touch."""
+    cols = 3
+    rows = math.ceil(n / cols)
+    cw, ch = size / cols, size / rows
+    centres = []
+    for k in range(n):
+        row, col = divmod(k, cols)
+        shift = (cols - min(cols, n - row * cols)) / 2  # centres a short last row
+        centres.append(((col + 0.5 + shift) * cw + rng.uniform(-0.03, 0.03) * size,
+                        (row + 0.5) * ch + rng.uniform(-0.03, 0.03) * size))
+    return centres, 0.4 * min(cw, ch)
+
+
+def draw_group(index, seed, size, n, id_offset=0, varied_refs=False):
+    """Sample `index` of the n-subject set (n = 2..8), as draw_sample's tuple: n subjects of distinct
+    shapes shown together on white, "Show the A, the B ... and the H together in one picture.", one
+    reference per subject. A pure function of (seed, index, n); `varied_refs` changes only the
+    references (REF_ASPECTS at varied sizes): subjects, instruction and target stay the same."""
+    if not 2 <= n <= len(SHAPES):
+        raise ValueError(f"a group holds 2 to {len(SHAPES)} subjects (one per shape); got {n}")
+    rng = random.Random(f"group{n}-{seed}-{index + id_offset}")
+    subjects = random_subjects(rng, n)
+    _, listed = listing(subjects)
+    instruction = f"Show {listed} together in one picture."
+    target = Image.new("RGB", (size, size), BACKGROUNDS["white"])
+    centres, r = layout(n, size, rng) if n <= 4 else grid_layout(n, size, rng)
+    boxes = [draw_subject(target, s, cx, cy, r) for s, (cx, cy) in zip(subjects, centres)]
+    refs = []
+    for s in subjects:
+        w, h = reference_size(size, rng) if varied_refs else (size, size)
+        refs.append(draw_reference(s, w, rng, h))
+    sid = f"group{n}-{index + id_offset:07d}"
+    return sid, "group", instruction, subjects, target, refs, sample_meta(subjects, boxes, "white", None)
