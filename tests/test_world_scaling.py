@@ -3,6 +3,7 @@ the table and plot of scores against the count."""
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import bench
@@ -50,7 +51,8 @@ def test_detector_recall_counts_top_boxes_at_iou_one_half(tmp_path):
         det = ShiftedTruth(truth, ("Two", "Five", "Eight"), shift)
         assert scaling.detector_recall(cfg, det, folder, tmp_path / "targets") == {2: want, 5: want, 8: want}
     radius = scaling.subject_radius(cfg, folder)
-    assert radius[2] > radius[5] >= 4.2 and radius[5] == radius[8]  # rows of three past four subjects
+    # rows of three past four subjects: one radius for 5 and 8 (boxes are stored rounded to 0.1 px)
+    assert radius[2] > radius[5] >= 4.2 and radius[5] == pytest.approx(radius[8], abs=0.05)
 
 
 def fake_results():

@@ -267,7 +267,7 @@ def main(cfg):
     out = Path(cfg.out)
     common.print_config(cfg, "scaling", out)
     common.ensure_writable(out, "scaling")
-    common.open_run(out, cfg, "scaling", inputs)
+    common.open_run(out, cfg, "scaling", inputs, extend=("seeds", "models"))  # more seeds or models extend a run
     t0 = time.time()
     device = torch.device(cfg.device)
     folder = build_sets(cfg, out)
