@@ -57,7 +57,7 @@ shapes-ablation: $(VENV)/.installed
 # subjects, three generation seeds each (world/scaling.py). The world and the three models come from
 # the shapes stages, each of which resumes (a finished one returns at once); then
 # runs/shapes-scaling/table.md and scaling.png. ITEMS and SCALING_SEEDS override its size.
-ITEMS ?= 40
+ITEMS ?= 60
 SCALING_SEEDS ?= 0,1,2
 shapes-scaling: $(VENV)/.installed
 	@set -e; SECONDS=0; $(PY) -m world; $(PY) make_data.py --preset shapes; $(PY) sft.py --preset shapes; \

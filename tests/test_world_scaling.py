@@ -66,7 +66,7 @@ def fake_results():
 
 
 def test_table_gives_mean_std_drop_and_the_spread_bar(tmp_path):
-    cfg = scaling.Config(items=40)
+    cfg = scaling.Config(items=60)
     res = fake_results()
     recall = {"targets": {n: 1.0 - 0.01 * n for n in cfg.counts}, "targets-vae": {n: 0.9 for n in cfg.counts}}
     table = scaling.table_md(cfg, res, {n: 5.0 for n in cfg.counts}, recall, 600)
