@@ -17,7 +17,8 @@ Writes to --out (runs/shapes-scaling): table.md (SC strict and SA strict by coun
 seeds, each model's 2-to-8 drop against its largest spread, and the legibility table), scaling.png
 (both scores against the count, one line per model, +-std bands), scaling.json (every number),
 psrbench/ (the sets), targets/ and targets-vae/ (the ceiling's images), and one bench.py run folder
-per model and seed (<model>-s<seed>/: images, scores.json, report.md). Every step resumes: the sets
+per model and seed (bench-<model>-s<seed>/: images, scores.json, report.md; bench-targets/ and
+bench-targets-vae/ for the ceilings). Every step resumes: the sets
 are built once, bench keeps the images and scores it made.
 
 Run (after `make shapes`, which trains the world's models and LoRAs):
