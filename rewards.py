@@ -209,7 +209,8 @@ def psr_reward(images, refs, categories, detector, embed, mode="strict", batch_s
     """Per image: mean over subjects of cos(DINO(generated crop i), DINO(reference crop i)).
 
     images: list of PIL; refs: list (per image) of lists of PIL; categories: same shape as refs.
-    Returns {"score": [B], "per_subject": [[...], ...], "found": [[bool, ...], ...]}. `mode` may
+    Returns {"score": [B], "per_subject": [[...], ...], "found": [[bool, ...], ...], "boxes": [[box or
+    None, ...], ...]} (the box each subject was scored on; rl.py's --subject_credit places it). `mode` may
     also be a tuple of modes: detection and embedding then run once and {mode: result} comes back.
     """
     modes = (mode,) if isinstance(mode, str) else tuple(mode)
@@ -235,44 +236,50 @@ def psr_reward(images, refs, categories, detector, embed, mode="strict", batch_s
                     where[(i, key)][j] = len(regions)
                     regions.append((im, boxes[j][0]))
     feats = embed.regions(regions)  # [regions, D]
-    out = {md: {"score": [], "per_subject": [], "found": []} for md in modes}
+    out = {md: {"score": [], "per_subject": [], "found": [], "boxes": []} for md in modes}
     r0 = 0
-    for i, cats in enumerate(categories):
+    for i, (cats, det) in enumerate(zip(categories, dets)):
         rf = ref_feats[r0: r0 + len(cats)]  # [subjects of image i, D]
         r0 += len(cats)
         for md in modes:
-            sub, hit = (official_pairing if md == "official" else strict_pairing)(i, cats, rf, feats, where)
+            sub, pick = (official_pairing if md == "official" else strict_pairing)(i, cats, rf, feats, where)
             out[md]["per_subject"].append(sub)
-            out[md]["found"].append(hit)
+            out[md]["found"].append([j is not None for j in pick])
+            # each subject's box in the generated image (None: scored on the whole image, or 0)
+            out[md]["boxes"].append([None if j is None else list(det[label(c)][j][0]) for c, j in zip(cats, pick)])
             out[md]["score"].append(sum(sub) / len(sub))
     return out[mode] if isinstance(mode, str) else out
 
 
 def official_pairing(i, cats, rf, feats, where):
     """The authors' scoring: subject k takes box official_box_index of its category; when that box
-    does not exist (or crops to nothing) the whole generated image stands in."""
-    sub, hit = [], []
+    does not exist (or crops to nothing) the whole generated image stands in. Returns (similarity,
+    box index or None) per subject."""
+    sub, pick = [], []
     for k, c in enumerate(cats):
-        row = where[(i, label(c))].get(official_box_index(cats, k))
-        hit.append(row is not None)
+        j = official_box_index(cats, k)
+        row = where[(i, label(c))].get(j)
+        pick.append(None if row is None else j)
         sub.append(float(rf[k] @ feats[where[(i, None)] if row is None else row]))
-    return sub, hit
+    return sub, pick
 
 
 def strict_pairing(i, cats, rf, feats, where):
-    """Boxes go one-to-one to same-category subjects by best similarity; a subject left out scores 0."""
+    """Boxes go one-to-one to same-category subjects by best similarity; a subject left out scores 0.
+    Returns (similarity, box index or None) per subject."""
     keys = [label(c) for c in cats]
-    sub, hit = [0.0] * len(keys), [False] * len(keys)
+    sub, pick = [0.0] * len(keys), [None] * len(keys)
     for key in dict.fromkeys(keys):
         subj = [k for k, c in enumerate(keys) if c == key]
+        boxes = list(where[(i, key)])  # detector box indices, in the order of their rows
         rows = list(where[(i, key)].values())
         if not rows:
             continue
         sim = rf[subj] @ feats[rows].T  # [subjects of this category, candidate boxes]
         for s, j in zip(subj, best_assignment(sim.numpy())):
             if j is not None:
-                sub[s], hit[s] = float(sim[subj.index(s), j]), True
-    return sub, hit
+                sub[s], pick[s] = float(sim[subj.index(s), j]), boxes[j]
+    return sub, pick
 
 
 def best_assignment(sim):

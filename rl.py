@@ -24,6 +24,8 @@ samples of an "old" copy of the RL LoRA, and each optimizer step fits the implic
 (v_old + nft_beta (v - v_old)) to the good samples and the negative one (v_old - nft_beta (v - v_old))
 to the bad ones, each weighted by r = A / (2 adv_clip) + 0.5, at fresh noise on the sampler's sigmas;
 the old copy follows the policy by EMA after each iteration. No log-probabilities, ratio or clip.
+With `--subject_credit` (ours) the weight r is per latent token: each subject's PSR similarity is
+normalised within its group, and a token takes the advantage of the subject boxes covering it.
 
 The held-out evaluation is paired: the policy and SFT (the RL adapter switched off) sample the same
 n_eval held-out prompts from the same eval_seeds initial noises each, ODE sampler; the log has the
@@ -116,6 +118,7 @@ class Config(RewardConfig):
     nft_beta: float = 1.0         # nft: the implicit policies' step, their config.beta (0.1 for their OCR run)
     nft_steps: int = 0            # nft: training timesteps per sample, drawn from the window; 0: all of it
     timestep_window: int = 0      # nft: train only at the first (highest-noise) this many sampler steps; 0: all
+    subject_credit: bool = False  # nft: each latent token takes the advantage of the subject whose box covers it (ours)
     nft_decay_rate: float = 0.001  # nft: the old copy's EMA decay = min(rate x iteration, max) (their decay_type 1)
     nft_decay_max: float = 0.5     # nft: the cap of the old copy's EMA decay
     reward: str = "mix"           # mix (rewards.py, with the reward knobs) | brightness (mean pixel value) | module:function
@@ -221,6 +224,67 @@ def advantages_for(rewards, prompts, group_size, cfg):
 
 
 # ----------------------------------------------------------------------------------------------
+# Per-subject credit (--subject_credit, NFT only; ours, not the paper's). The PSR reward is a mean
+# over subjects, each scored on its own box of the generated image, so one image-wide advantage
+# blames a well-copied subject for its badly copied neighbour. Here each subject's similarity is
+# normalised within its prompt's group like the reward, and each latent token takes the advantage
+# of the subject boxes covering it (by overlap), the image's own advantage where no box does
+# (background, and the place a subject the detector missed should have been).
+
+def subject_advantages(per_subject, finite, group_size, clip):
+    """per_subject: [P*G] lists of n_p similarities (None for a NaN-scored sample) -> [P*G] lists of
+    advantages, each subject against the same subject in the other finite members of its group."""
+    out = [None] * len(per_subject)
+    for g0 in range(0, len(per_subject), group_size):
+        members = [i for i in range(g0, g0 + group_size) if finite[i] and per_subject[i] is not None]
+        if not members:
+            continue
+        sims = torch.tensor([per_subject[i] for i in members], dtype=torch.float64)  # [members, subjects]
+        n = sims.shape[1]
+        adv = group_advantages(sims.T.reshape(-1), torch.arange(n).repeat_interleave(len(members)), clip=clip)
+        for c, i in enumerate(members):
+            out[i] = adv.view(n, len(members))[:, c].tolist()
+    return out
+
+
+def token_advantages(image_adv, subject_adv, boxes, size, grid):
+    """One sample's advantage per latent token, [grid * grid] row-major (sft.pack's token order).
+    Token (a, b) covers pixels [a s, (a+1) s) x [b s, (b+1) s), s = size / grid; box k covers a
+    fraction c_k of it; the token's advantage is (sum c_k A_k + max(0, 1 - sum c_k) A_image) over the
+    weights' sum. boxes: (x1, y1, x2, y2) pixels, or None for a subject scored on no box."""
+    s = size / grid
+    edges = torch.arange(grid + 1, dtype=torch.float64) * s
+    lo, hi = edges[:-1], edges[1:]
+    num = torch.zeros(grid, grid, dtype=torch.float64)
+    cover = torch.zeros(grid, grid, dtype=torch.float64)
+    for a_k, box in zip(subject_adv, boxes):
+        if box is None:
+            continue
+        x1, y1, x2, y2 = (float(v) for v in box)
+        fx = (torch.minimum(hi, torch.tensor(x2)) - torch.maximum(lo, torch.tensor(x1))).clamp(min=0) / s  # [grid]
+        fy = (torch.minimum(hi, torch.tensor(y2)) - torch.maximum(lo, torch.tensor(y1))).clamp(min=0) / s
+        c = fy[:, None] * fx[None, :]  # [grid rows, grid cols]
+        num += c * a_k
+        cover += c
+    rest = (1 - cover).clamp(min=0)
+    return ((num + rest * image_adv) / (cover + rest)).flatten().float()
+
+
+def credit_tokens(adv, finite, subjects, cfg, grid):
+    """adv [P*G] image advantages, subjects {sample id: (per-subject similarities, boxes)} ->
+    [P*G, grid*grid] token advantages (a sample without subject scores keeps its image advantage)."""
+    per = [subjects[i][0] if i in subjects else None for i in range(len(adv))]
+    sub_adv = subject_advantages(per, finite, cfg.group_size, cfg.adv_clip)
+    rows = []
+    for i in range(len(adv)):
+        if sub_adv[i] is None:
+            rows.append(torch.full((grid * grid,), float(adv[i])))
+        else:
+            rows.append(token_advantages(float(adv[i]), sub_adv[i], subjects[i][1], cfg.resolution, grid))
+    return torch.stack(rows)
+
+
+# ----------------------------------------------------------------------------------------------
 # The clipped loss of one denoising step, and the KL term.
 
 @dataclass
@@ -232,7 +296,7 @@ class Rollout:
     log_probs: torch.Tensor    # [steps, B]: log-prob of latents[j+1] given latents[j]
     sigmas: torch.Tensor       # [steps+1], the last one 0
     images: list = field(default_factory=list)
-    advantages: torch.Tensor = None  # [B], set once every rank's rewards are in
+    advantages: torch.Tensor = None  # [B] (or [B, L] token advantages, --subject_credit), set once every rank's rewards are in
     train_mask: torch.Tensor = None  # [B] bool: finite reward and a non-zero advantage
 
 
@@ -439,7 +503,8 @@ def nft_loss(m, transformer, ro, sigma, k, cfg, old, it):
         swap_weights(old[0], old[1])
     v = forward()
     adv = ro.advantages.to(x0.device).clamp(-cfg.adv_clip, cfg.adv_clip)
-    r = (adv / cfg.adv_clip / 2 + 0.5).clamp(0, 1)  # [B]: 1 best, 0 worst, 0.5 average
+    adv = adv.view(b, -1)  # [B, 1], or [B, L] under --subject_credit (one advantage a token)
+    r = (adv / cfg.adv_clip / 2 + 0.5).clamp(0, 1)  # 1 best, 0 worst, 0.5 average
     beta = cfg.nft_beta
     dims = tuple(range(1, x0.dim()))
 
@@ -447,11 +512,11 @@ def nft_loss(m, transformer, ro, sigma, k, cfg, old, it):
         x0_hat = xt - t * pred_v
         with torch.no_grad():
             scale = (x0_hat.double() - x0.double()).abs().mean(dim=dims, keepdim=True).clamp(min=1e-5).float()
-        return ((x0_hat - x0) ** 2 / scale).mean(dim=dims)
+        return ((x0_hat - x0) ** 2 / scale).mean(dim=-1)  # [B, L]: a token's error
 
     positive = x0_error(beta * v + (1 - beta) * v_old)  # the implicit policy pulled toward good samples
     negative = x0_error((1 + beta) * v_old - beta * v)  # ... and its mirror, pulled toward bad ones
-    loss = (r * positive + (1 - r) * negative) / beta * cfg.adv_clip
+    loss = (r * positive + (1 - r) * negative).mean(dim=1) / beta * cfg.adv_clip  # [B]
     kl = torch.zeros(b, device=x0.device)
     if cfg.beta > 0:  # their train.beta: the velocity distance to the model without the RL adapter
         with torch.no_grad():
@@ -572,14 +637,21 @@ def build_reward(cfg, device):
     return mix
 
 
-def score(reward_fn, images, sample, data_dir):
-    """{"reward": [...], and any of psr/judge/hps: [...]} per image, plus judge_unparsed (a count)."""
+def score(reward_fn, images, sample, data_dir, subjects=False):
+    """{"reward": [...], and any of psr/judge/hps: [...]} per image, plus judge_unparsed (a count);
+    with subjects=True also "subjects": per image (per-subject PSR similarities, their boxes), when
+    the reward gives them (the mix does)."""
     refs = [open_image(data_dir, s["ref"], sample["id"]) for s in sample["subjects"]]
     cats = [s["category"] for s in sample["subjects"]]
     n = len(images)
     res = reward_fn(images, [refs] * n, [cats] * n, [sample["instruction"]] * n, [sample.get("task", "")] * n)
     out = {k: [float(v) for v in res[k]] for k in ("reward", *TERMS) if k in res}
     out["judge_unparsed"] = int(res.get("judge_unparsed", 0))
+    psr = res.get("detail", {}).get("psr") if isinstance(res.get("detail"), dict) else None
+    if subjects:
+        if psr is None or "boxes" not in psr:
+            raise SystemExit("--subject_credit needs the PSR reward's per-subject scores and boxes (--reward mix)")
+        out["subjects"] = list(zip(psr["per_subject"], psr["boxes"]))
     return out
 
 
@@ -600,6 +672,15 @@ def gather_scores(local, total, unparsed=0):
             torch.distributed.all_reduce(t)
     vals[have == 0] = float("nan")
     return {key: vals[k] for k, key in enumerate(keys)}, int(unparsed.item())
+
+
+def gather_objects(local):
+    """{sample id: anything picklable} of this rank -> the union over ranks, on every rank."""
+    if world() == 1:
+        return local
+    parts = [None] * world()
+    torch.distributed.all_gather_object(parts, local)
+    return {k: v for part in parts for k, v in part.items()}
 
 
 def timed(fn, *args):
@@ -650,21 +731,25 @@ def iteration(m, params, opt, samples, cache, reward_fn, data_dir, it, cfg, old=
                 ro = rollout(m, m.transformer, inputs, seeds, cfg, ids=ids)
             t_sample += time.time() - t0
             rollouts.append(ro)
-            futures.append(pool.submit(timed, score, reward_fn, ro.images, sample, data_dir))
+            futures.append(pool.submit(timed, score, reward_fn, ro.images, sample, data_dir, cfg.subject_credit))
         for ro, fut in zip(rollouts, futures):
             sc, secs = fut.result()
             t_reward += secs
             unparsed += sc.pop("judge_unparsed")
             for c, i in enumerate(ro.ids):
                 local[i] = {k: v[c] for k, v in sc.items()}
+    subjects = {i: sc.pop("subjects") for i, sc in local.items() if "subjects" in sc}
     scores, unparsed = gather_scores(local, total, unparsed)
     rewards = scores["reward"]
     adv, finite, dropped = advantages_for(rewards, prompts, g, cfg)
     # GRPO: a zero advantage has a zero gradient, so it is not recomputed; NFT trains every scored
     # sample (at r = 0.5 its pull is 0 only while the policy equals the old copy)
     trained = finite & (adv != 0) if cfg.algo == "grpo" else finite
+    token_adv = credit_tokens(adv, finite, gather_objects(subjects), cfg, cfg.resolution // m.vae_factor // 2) \
+        if cfg.subject_credit else None  # [P*G, L]
     for ro in rollouts:
-        ro.advantages, ro.train_mask = adv[ro.ids], trained[ro.ids]
+        ro.advantages = adv[ro.ids] if token_adv is None else token_adv[ro.ids]
+        ro.train_mask = trained[ro.ids]
     t0 = time.time()
     plan = optimizer_plan([[i for i in ids if trained[i]] for ids in batches], it, cfg)
     stats = update(m, params, opt, rollouts, cfg, plan) if cfg.algo == "grpo" else \
@@ -875,6 +960,8 @@ def main(cfg):
     record = common.open_run(out, cfg, "rl", inputs, extend=("iterations",))
     if cfg.algo not in ("grpo", "nft"):
         raise SystemExit(f"--algo must be grpo or nft, got {cfg.algo!r}")
+    if cfg.subject_credit and cfg.algo != "nft":
+        raise SystemExit("--subject_credit is implemented for --algo nft only (its loss is per token)")
     if cfg.algo == "nft" and cfg.nft_beta <= 0:
         raise SystemExit(f"--nft_beta must be > 0 (the loss divides by it), got {cfg.nft_beta}")
     if cfg.beta > 0 and cfg.noise_level <= 0 and cfg.algo == "grpo":

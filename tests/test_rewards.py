@@ -87,6 +87,7 @@ def test_official_falls_back_to_whole_image_strict_scores_zero(embed):
     whole = float(embed([im])[0] @ embed([refs[1]])[0])
     assert official["per_subject"][0][1] == pytest.approx(whole, abs=1e-6)
     assert strict["per_subject"][0][1] == 0.0 and strict["found"][0] == [True, False]
+    assert strict["boxes"][0] == [list(LEFT), None] and official["boxes"][0] == [list(LEFT), None]
     assert strict["per_subject"][0][0] == pytest.approx(official["per_subject"][0][0], abs=1e-6)
     assert strict["score"][0] == pytest.approx(strict["per_subject"][0][0] / 2)
 
@@ -103,6 +104,8 @@ def test_same_category_subjects_get_distinct_boxes(embed):
     r0, r1 = embed(refs)
     assert strict["per_subject"][0] == pytest.approx([float(r0 @ f_left), float(r1 @ f_right)], abs=1e-6)
     assert official["per_subject"][0] == pytest.approx([float(r0 @ f_right), float(r1 @ f_left)], abs=1e-6)
+    # each subject's box is the one it was scored on (rl.py's --subject_credit places it there)
+    assert strict["boxes"][0] == [list(LEFT), list(RIGHT)] and official["boxes"][0] == [list(RIGHT), list(LEFT)]
     assert strict["score"][0] > official["score"][0]
 
 

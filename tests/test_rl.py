@@ -262,6 +262,74 @@ def test_nft_update_pulls_toward_good_samples_and_away_from_bad(tiny_dir, tiny_d
     assert stats["nft_decay"] == 0 and all(torch.equal(p, o) for p, o in zip(*old))
 
 
+def test_token_advantages_follow_the_subject_boxes():
+    """--subject_credit: on a 4x4 token grid of a 32 px image (8 px a token), a box over the left
+    half gives its two left columns the subject's advantage, a box over half a token shares that
+    token with the image's advantage by area, and a missed subject (no box) places nothing."""
+    a = rl.token_advantages(0.5, [2.0, -1.0], [(0, 0, 16, 32), None], 32, 4).view(4, 4)
+    assert torch.allclose(a[:, :2], torch.full((4, 2), 2.0)) and torch.allclose(a[:, 2:], torch.full((4, 2), 0.5))
+    b = rl.token_advantages(1.0, [-1.0], [(24, 0, 28, 8)], 32, 4).view(4, 4)  # half of token (0, 3)
+    assert b[0, 3].item() == pytest.approx(0.5 * -1.0 + 0.5 * 1.0) and torch.all(b.flatten()[:3] == 1.0)
+    # two boxes over one token: the mean of their advantages, the image's gets no share
+    c = rl.token_advantages(9.0, [1.0, 3.0], [(0, 0, 8, 8), (0, 0, 8, 8)], 32, 4).view(4, 4)
+    assert c[0, 0].item() == pytest.approx(2.0) and c[1, 1].item() == 9.0
+
+
+def test_subject_advantages_normalise_each_subject_in_its_group():
+    """Each subject's similarity against the same subject in its group's other members, exactly as
+    group_advantages does the reward; a NaN-scored member is left out of its group."""
+    per = [[0.9, 0.1], [0.5, 0.3], [0.1, 0.5], None, [0.2, 0.2], [0.4, 0.4]]
+    finite = torch.tensor([True, True, True, False, True, True])
+    got = rl.subject_advantages(per, finite, 3, 5.0)
+    for k in range(2):
+        want = rl.group_advantages(torch.tensor([per[i][k] for i in range(3)]), torch.zeros(3, dtype=torch.long))
+        assert [got[i][k] for i in range(3)] == pytest.approx(want.tolist(), abs=1e-6)
+    assert got[3] is None and got[4] == pytest.approx([-1.0, -1.0], abs=1e-3) and got[5] == pytest.approx([1.0, 1.0], abs=1e-3)
+
+
+def test_nft_token_advantages_equal_per_sample_when_constant_and_pull_by_region(tiny_dir, tiny_data):
+    """A per-token advantage map that is constant over a sample gives exactly the per-sample loss;
+    one that is +5 on the top half of sample 0's tokens and -5 on its bottom half pulls the x0
+    prediction toward the sample on the top half and away from it on the bottom."""
+    m, params, cfg, ro, old = nft_setup(tiny_dir, tiny_data, [2.0, -1.0])
+    sig = rl.nft_timesteps(ro, cfg, 0)
+    L = ro.latents.shape[2]
+    old_values = [o.clone() for o in old[1]]
+    with torch.no_grad():  # a policy away from the old copy, so r = 0.5 is not flat either
+        for p in params:
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    per_sample = rl.nft_loss(m, m.transformer, ro, sig[1], 1, cfg, old, 0)[0]
+    ro.advantages = torch.tensor([2.0, -1.0])[:, None].expand(2, L).clone()
+    per_token = rl.nft_loss(m, m.transformer, ro, sig[1], 1, cfg, old, 0)[0]
+    assert torch.allclose(per_sample, per_token, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():
+        for p, o in zip(params, old_values):
+            p.copy_(o)
+    ro.advantages = torch.zeros(2, L)
+    ro.advantages[0, : L // 2], ro.advantages[0, L // 2:] = 5.0, -5.0
+    cfg.lr, cfg.nft_decay_rate = 1e-3, 0.0
+    opt = torch.optim.AdamW(params, lr=cfg.lr)
+    s = torch.full((2,), float(ro.sigmas[2]))
+    x0 = ro.latents[-1]
+
+    def errors():  # sample 0's |x0_hat - x0|^2 on its top and bottom tokens, at fixed noise
+        t5, pooled, refs, hws = ro.inputs
+        eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
+        t = s.view(2, 1, 1)
+        xt = (1 - t) * x0 + t * eps
+        with torch.no_grad():
+            v = sft.velocity(m, xt, refs.expand(2, -1, -1), s, t5.expand(2, -1, -1), pooled.expand(2, -1), (4, 4),
+                             hws, cfg.pe, cfg.guidance)
+        e = ((xt - t * v - x0) ** 2).mean(dim=2)[0]
+        return e[: L // 2].mean(), e[L // 2:].mean()
+
+    before = errors()
+    for it in range(3):
+        rl.update_nft(m, params, opt, [ro], cfg, [[0, 1]], old, it)
+    after = errors()
+    assert after[0] < before[0] and after[1] > before[1], (before, after)
+
+
 def test_optimizer_plan_shuffles_across_prompts():
     """Flow-GRPO (scripts/train_flux_kontext.py, `perm = torch.randperm(total_batch_size)` then the
     rebatch into num_batches_per_epoch) shuffles the samples across prompts before splitting them
