@@ -271,10 +271,9 @@ def strict_pairing(i, cats, rf, feats, where):
     sub, pick = [0.0] * len(keys), [None] * len(keys)
     for key in dict.fromkeys(keys):
         subj = [k for k, c in enumerate(keys) if c == key]
-        boxes = list(where[(i, key)])  # detector box indices, in the order of their rows
-        rows = list(where[(i, key)].values())
-        if not rows:
+        if not where[(i, key)]:
             continue
+        boxes, rows = list(where[(i, key)]), list(where[(i, key)].values())  # detector box indices, their region rows
         sim = rf[subj] @ feats[rows].T  # [subjects of this category, candidate boxes]
         for s, j in zip(subj, best_assignment(sim.numpy())):
             if j is not None:

@@ -647,8 +647,8 @@ def score(reward_fn, images, sample, data_dir, subjects=False):
     res = reward_fn(images, [refs] * n, [cats] * n, [sample["instruction"]] * n, [sample.get("task", "")] * n)
     out = {k: [float(v) for v in res[k]] for k in ("reward", *TERMS) if k in res}
     out["judge_unparsed"] = int(res.get("judge_unparsed", 0))
-    psr = res.get("detail", {}).get("psr") if isinstance(res.get("detail"), dict) else None
     if subjects:
+        psr = res.get("detail", {}).get("psr") if isinstance(res.get("detail"), dict) else None
         if psr is None or "boxes" not in psr:
             raise SystemExit("--subject_credit needs the PSR reward's per-subject scores and boxes (--reward mix)")
         out["subjects"] = list(zip(psr["per_subject"], psr["boxes"]))

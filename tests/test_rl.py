@@ -202,6 +202,20 @@ def test_one_update_moves_log_probs_with_the_advantage(tiny_dir, tiny_data):
     assert torch.all(delta[adv > 0] > 0) and torch.all(delta[adv < 0] < 0), delta
 
 
+def x0_token_errors(m, ro, cfg, sigma):
+    """|x0_hat - x0|^2 per sample and token [B, L] of the model's prediction from the rollout's clean
+    samples noised to `sigma` [B] with fixed noise (seed 3): what an NFT step should move."""
+    t5, pooled, refs, hws = ro.inputs
+    x0, b = ro.latents[-1], len(sigma)
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
+    t = sigma.view(b, 1, 1)
+    xt = (1 - t) * x0 + t * eps
+    with torch.no_grad():
+        v = sft.velocity(m, xt, refs.expand(b, -1, -1), sigma, t5.expand(b, -1, -1), pooled.expand(b, -1), (4, 4),
+                         hws, cfg.pe, cfg.guidance)
+    return ((xt - t * v - x0) ** 2).mean(dim=2)
+
+
 def nft_setup(tiny_dir, tiny_data, adv):
     m, samples, cache, params = tiny_policy(tiny_dir, tiny_data)
     cfg = rl.Config(resolution=64, steps=5, group_size=len(adv), algo="nft", optimizer_steps=1)
@@ -242,22 +256,10 @@ def test_nft_update_pulls_toward_good_samples_and_away_from_bad(tiny_dir, tiny_d
     cfg.lr, cfg.nft_decay_rate = 1e-3, 0.0
     opt = torch.optim.AdamW(params, lr=cfg.lr)
     sig = torch.full((2,), float(ro.sigmas[2]))
-    x0 = ro.latents[-1]
-
-    def errors():  # |x0_hat - x0| per sample, at fixed noise
-        t5, pooled, refs, hws = ro.inputs
-        eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
-        t = sig.view(2, 1, 1)
-        xt = (1 - t) * x0 + t * eps
-        with torch.no_grad():
-            v = sft.velocity(m, xt, refs.expand(2, -1, -1), sig, t5.expand(2, -1, -1), pooled.expand(2, -1), (4, 4),
-                             hws, cfg.pe, cfg.guidance)
-        return ((xt - t * v - x0) ** 2).mean(dim=(1, 2))
-
-    before = errors()
+    before = x0_token_errors(m, ro, cfg, sig).mean(dim=1)  # [B]
     for it in range(3):
         stats = rl.update_nft(m, params, opt, [ro], cfg, [[0, 1]], old, it)
-    after = errors()
+    after = x0_token_errors(m, ro, cfg, sig).mean(dim=1)
     assert after[0] < before[0] and after[1] > before[1], (before, after)
     assert stats["nft_decay"] == 0 and all(torch.equal(p, o) for p, o in zip(*old))
 
@@ -310,17 +312,9 @@ def test_nft_token_advantages_equal_per_sample_when_constant_and_pull_by_region(
     cfg.lr, cfg.nft_decay_rate = 1e-3, 0.0
     opt = torch.optim.AdamW(params, lr=cfg.lr)
     s = torch.full((2,), float(ro.sigmas[2]))
-    x0 = ro.latents[-1]
 
-    def errors():  # sample 0's |x0_hat - x0|^2 on its top and bottom tokens, at fixed noise
-        t5, pooled, refs, hws = ro.inputs
-        eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
-        t = s.view(2, 1, 1)
-        xt = (1 - t) * x0 + t * eps
-        with torch.no_grad():
-            v = sft.velocity(m, xt, refs.expand(2, -1, -1), s, t5.expand(2, -1, -1), pooled.expand(2, -1), (4, 4),
-                             hws, cfg.pe, cfg.guidance)
-        e = ((xt - t * v - x0) ** 2).mean(dim=2)[0]
+    def errors():  # sample 0's error on its top and bottom tokens
+        e = x0_token_errors(m, ro, cfg, s)[0]
         return e[: L // 2].mean(), e[L // 2:].mean()
 
     before = errors()
