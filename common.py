@@ -396,7 +396,7 @@ def ensure_writable(folder, stage):
         fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-check.")  # one per process: ranks check at once
         os.write(fd, b"ok")
         os.close(fd)
-        os.unlink(probe)
+        Path(probe).unlink(missing_ok=True)
     except OSError as e:
         raise SystemExit(f"[{stage}] cannot write to {folder}: {e.strerror}. Choose another --out or free the disk.")
 
@@ -582,6 +582,7 @@ def open_run(out, cfg, stage, inputs=None, extend=()):
     --overwrite removes that run first. `extend` names the knobs whose change only lengthens the run
     (a resume may raise them)."""
     out = Path(out)
+    barrier()  # every rank's ensure_writable probe is gone before rank 0 clears temps (it would delete one in use)
     if rank() == 0:  # under torchrun, rank 0 holds the folder for the whole run
         claim_folder(out, stage)
         remove_stale_temps(out, stage)
@@ -662,8 +663,11 @@ def remove_stale_temps(out, stage):
             temp_file = p.name.startswith(".") and (p.name.endswith(".tmp") or p.name.startswith(".write-check."))
             temp_dir = p.is_dir() and p.name.startswith(".") and (p.name.startswith(".lora.") or p.name.endswith(".old"))
             if (temp_file and p.is_file()) or temp_dir:
-                size = sum(q.stat().st_size for q in p.rglob("*") if q.is_file()) if temp_dir else p.stat().st_size
-                shutil.rmtree(p) if temp_dir else p.unlink()
+                try:  # a file another process removes meanwhile is no longer stale
+                    size = sum(q.stat().st_size for q in p.rglob("*") if q.is_file()) if temp_dir else p.stat().st_size
+                    shutil.rmtree(p) if temp_dir else p.unlink()
+                except FileNotFoundError:
+                    continue
                 stale.append(f"{p.name} ({size / 2**20:.1f} MiB)")
     if stale:
         print(f"[{stage}] removed {len(stale)} temp file(s) a killed run left in {out}: {', '.join(stale)}")

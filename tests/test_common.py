@@ -105,6 +105,39 @@ def sft_cmd(data, tiny_dir, out, *extra):
             tiny_dir, "--sample_every", "0", *extra]
 
 
+SLOW_PROBE_RANKS = """
+import dataclasses, os, sys, time
+import common
+
+@dataclasses.dataclass
+class Knobs:
+    seed: int = 0
+
+common.setup_dist("cpu")
+if common.rank() == 1:  # a slow disk on rank 1: its write probe exists for a second while rank 0 goes on
+    write = os.write
+    common.os.write = lambda fd, b: (time.sleep(1.0), write(fd, b))[1]
+common.ensure_writable(sys.argv[1], "test")
+common.open_run(sys.argv[1], Knobs(), "test")
+print("opened on rank", common.rank())
+"""
+
+
+def test_rank_zero_clears_temps_only_after_every_rank_probed_the_folder(tmp_path):
+    """Every stage runs ensure_writable then open_run on all ranks; rank 0's open_run clears the temp
+    files a killed run left, write probes included. Before the barrier that orders the two, a rank
+    still probing lost its probe to rank 0 and died ("cannot write to ...": a CI run of
+    test_four_ranks_with_a_nan_sample_equal_one_process). Rank 1 probes slowly here, every time."""
+    script = tmp_path / "probe.py"
+    script.write_text(SLOW_PROBE_RANKS)
+    cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(tmp_path / "run")]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert res.returncode == 0, res.stderr[:3000]  # the failing rank's message comes first
+    assert sorted(res.stdout.split("\n")[:-1]) == ["opened on rank 0", "opened on rank 1"], res.stdout
+    assert not [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".write-check.")]
+
+
 def test_second_run_into_a_held_folder_stops_at_once_and_the_first_finishes(tmp_path, tiny_data, tiny_dir):
     # before: the second run resumed from the first's checkpoint; the log read 10, 20, 40, 50, 30, ...
     import signal
