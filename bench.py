@@ -323,6 +323,7 @@ def generate_all(cfg, bench, folder, out, loras, device):
     claim_images(cfg, out, loras)
     todo = [[(s, i, it, not result_path(cfg, out, s, i, it).exists()) for s, i, it in chunk]
             for chunk in generation_chunks(cfg, bench)]
+    barrier()  # every rank has listed the missing images before any rank writes one: all split one list
     mine = [chunk for chunk in todo if any(missing for *_, missing in chunk)][rank():: world()]
     if not mine:
         return 0

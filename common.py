@@ -429,8 +429,19 @@ def save_png(path, image):
 
 
 def append_jsonl(path, row):
-    """One line per append with a flush: a kill leaves at most a torn last line, which read_jsonl skips."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    """One line per append with a flush: a kill leaves at most a torn last line, which read_jsonl skips.
+    A torn last line already there (a writer killed mid-line, a full disk) is cut off first: a row
+    appended after it would glue onto it and leave a bad line in the middle, which no run could read."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and path.stat().st_size:
+        with open(path, "rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                data = (f.seek(0), f.read())[1]
+                keep = data.rfind(b"\n") + 1
+                f.truncate(keep)
+                print(f"{path}: cut a torn last line ({len(data) - keep} bytes) before appending")
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
         f.flush()
@@ -586,6 +597,7 @@ def open_run(out, cfg, stage, inputs=None, extend=()):
     if rank() == 0:  # under torchrun, rank 0 holds the folder for the whole run
         claim_folder(out, stage)
         remove_stale_temps(out, stage)
+    barrier()  # ... and every rank judges the folder fresh or not after the sweep, so all alike
     check_inputs(inputs or {}, stage)
     path = out / "config.json"
     record = run_record(cfg, stage, inputs)
@@ -1486,6 +1498,7 @@ def load_checkpoint(path, transformer, opt, name="default"):
         except Exception as e2:
             raise SystemExit(f"{path} is damaged ({why}) and so is {prev} ({type(e2).__name__}: {str(e2)[:200]}): "
                              f"delete both to start this run over")
+        barrier()  # every rank read both files (and saw the same damage) before rank 0 moves them
         if rank() == 0:
             print(f"[resume] WARNING: {path} is damaged ({why}); falling back to {prev} (step {state['step']}). "
                   f"The damaged file is kept as {path.name}.damaged (delete it when you like).")

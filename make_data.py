@@ -102,23 +102,6 @@ class Config:
 # ----------------------------------------------------------------------------------------------
 # Writer: images first, then the samples.jsonl line, so a listed sample always has its files.
 
-def append_row(path, row):
-    """common.append_jsonl, after cutting a torn last line (a writer killed mid-line, a full disk) off
-    the file: read_jsonl skips a torn last line, but a row appended after it would glue onto it and
-    leave a bad line in the middle, which no later run could read."""
-    path = Path(path)
-    if path.exists() and path.stat().st_size:
-        with open(path, "rb+") as f:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                f.seek(0)
-                data = f.read()
-                keep = data.rfind(b"\n") + 1
-                f.truncate(keep)
-                print(f"[make_data] {path}: cut a torn last line ({len(data) - keep} bytes) before appending")
-    append_jsonl(path, row)
-
-
 def ids_in(path):
     """Ids listed in a samples JSONL file (none if it does not exist yet)."""
     return {s["id"] for s in read_jsonl(path)} if Path(path).exists() else set()
@@ -131,7 +114,7 @@ def write_sample(out, sid, task, instruction, subjects, target, refs, meta, shar
         save_png(Path(out) / rel, im)
         rows.append({"category": s["shape"] if "shape" in s else s["category"], "ref": rel})
     save_png(Path(out) / "targets" / f"{sid}.png", target)
-    append_row(shard_file, {"id": sid, "task": task, "instruction": instruction, "subjects": rows,
+    append_jsonl(shard_file, {"id": sid, "task": task, "instruction": instruction, "subjects": rows,
                               "target": f"targets/{sid}.png", "meta": meta})
 
 
@@ -845,12 +828,12 @@ def phase_rows(out, phase):
 
 
 def record(out, phase, row):
-    append_row(work(out, f"{phase}.rank{rank():03d}.jsonl"), row)
+    append_jsonl(work(out, f"{phase}.rank{rank():03d}.jsonl"), row)
 
 
 def drop(out, i, phase, reason, stats):
     """A drop is for good (a rerun skips the id): only outcomes that a rerun would repeat drop."""
-    append_row(Path(out) / f"drops.rank{rank():03d}.jsonl", {"index": i, "phase": phase, "reason": reason})
+    append_jsonl(Path(out) / f"drops.rank{rank():03d}.jsonl", {"index": i, "phase": phase, "reason": reason})
     stats["drops"][reason] = stats["drops"].get(reason, 0) + 1
     clean_work(out, i)
 

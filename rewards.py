@@ -26,7 +26,8 @@ Run:
     python rewards.py --benchmark --preset tiny                     # batched vs one-at-a-time speed
     python rewards.py --images items.json --judge_url http://localhost:8000/v1 --judge_model Qwen2.5-VL-7B
 items.json is a list of {"image", "refs": [...], "categories": [...], "instruction", "subset"}
-(paths relative to the JSON file); a folder holding items.json works too.
+(paths relative to the JSON file); a folder holding items.json works too. Scoring runs in one
+process (bench.py spreads generation, the costly part, over torchrun ranks).
 """
 
 import ast
@@ -992,6 +993,10 @@ def check_out(out):
 def main(cfg):
     from common import setup_dist
 
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # read before torch.distributed starts
+        # every rank would score every item and rewrite the same rows file; scoring is cheap next to
+        # generation, which bench.py spreads over ranks
+        raise SystemExit("[rewards] scoring runs in one process: start it with python, not torchrun")
     device = setup_dist(cfg.device)
     if cfg.benchmark:
         return run_benchmark(cfg, device)

@@ -759,12 +759,13 @@ def test_bad_input_fails_first_in_one_line(tmp_path, tiny_dir, knobs, line):
 
 
 def test_a_torn_last_line_is_cut_before_appending(tmp_path, capsys):
+    """Every appended file (make_data's rows, bench's item scores, the logs) goes through append_jsonl."""
     path = tmp_path / "detect.rank000.jsonl"
     path.write_text('{"index": 0}\n{"index": 1}\n{"ind')  # a writer killed mid-line (or a full disk)
-    make_data.append_row(path, {"index": 2})
+    common.append_jsonl(path, {"index": 2})
     assert common.read_jsonl(path) == [{"index": 0}, {"index": 1}, {"index": 2}]
     assert "cut a torn last line (5 bytes)" in capsys.readouterr().out
-    make_data.append_row(path, {"index": 3})  # a whole file is left alone
+    common.append_jsonl(path, {"index": 3})  # a whole file is left alone
     assert [r["index"] for r in common.read_jsonl(path)] == [0, 1, 2, 3]
 
 

@@ -497,6 +497,11 @@ def test_cli_checks_out_first_and_writes_scores_as_it_goes(tmp_path, tiny_dir, m
     def boom(*a, **k):
         raise AssertionError("the reward models were loaded before --out was checked")
     monkeypatch.setattr(rewards, "build_reward_mix", boom)
+    # under torchrun every rank would score every item into one rows file: refused before anything loads
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="one process: start it with python, not torchrun"):
+        rewards.main(common.parse_config(rewards.Config, "rewards", args))
+    monkeypatch.delenv("WORLD_SIZE")
     (tmp_path / "adir").mkdir()
     with pytest.raises(SystemExit, match="--out .*adir is a folder"):
         rewards.main(common.parse_config(rewards.Config, "rewards", args + ["--out", str(tmp_path / "adir")]))

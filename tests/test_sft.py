@@ -236,12 +236,20 @@ def test_draw_batch_reference_mix():
 
 
 def test_torchrun_two_ranks_match_one_process(tmp_path, tiny_data, tiny_dir, straight):
-    """DDP over 2 gloo ranks with the same global batch ends at the single-process LoRA."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "sft.py"),
-           "--preset", "tiny", "--data", str(tiny_data), "--out", str(tmp_path / "two"), "--tiny_dir", tiny_dir,
-           "--steps", "8", "--ckpt_every", "3", "--sample_every", "0", "--device", "cpu"]
-    two = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
-    assert two.returncode == 0, two.stderr[-3000:]
+    """DDP over 2 gloo ranks with the same global batch ends at the single-process LoRA, here through
+    a resume from a damaged checkpoint: both ranks read it and fall back to the previous one before
+    rank 0 moves it aside (a rank that looked later would have started over at step 0)."""
+    def cmd(steps):
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "sft.py"),
+                "--preset", "tiny", "--data", str(tiny_data), "--out", str(tmp_path / "two"), "--tiny_dir", tiny_dir,
+                "--steps", str(steps), "--ckpt_every", "3", "--sample_every", "0", "--device", "cpu"]
+    two = subprocess.run(cmd(6), capture_output=True, text=True, cwd=tmp_path)  # checkpoints at 3 and 6
+    assert two.returncode == 0, two.stderr[:3000]
+    ckpt = tmp_path / "two" / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])  # a torn copy
+    two = subprocess.run(cmd(8), capture_output=True, text=True, cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[:3000]  # the failing rank's message comes first
+    assert two.stdout.count(f"WARNING: {ckpt} is damaged") == 1 and "(step 3)" in two.stdout, two.stdout[-2000:]
     a = load_file(straight / "lora" / "pytorch_lora_weights.safetensors")
     b = load_file(tmp_path / "two" / "lora" / "pytorch_lora_weights.safetensors")
     assert a.keys() == b.keys()
