@@ -118,7 +118,6 @@ class Config(RewardConfig):
     nft_beta: float = 1.0         # nft: the implicit policies' step, their config.beta (0.1 for their OCR run)
     nft_steps: int = 0            # nft: training timesteps per sample, drawn from the window; 0: all of it
     timestep_window: int = 0      # nft: train only at the first (highest-noise) this many sampler steps; 0: all
-    nft_group_noise: bool = False  # nft: a group's samples share their training timesteps and noise (common random numbers, ours)
     subject_credit: bool = False  # nft: each latent token takes the advantage of the subject whose box covers it (ours)
     nft_decay_rate: float = 0.001  # nft: the old copy's EMA decay = min(rate x iteration, max) (their decay_type 1)
     nft_decay_max: float = 0.5     # nft: the cap of the old copy's EMA decay
@@ -472,14 +471,6 @@ def nft_seed(cfg, it, stream, key):
     return int(np.random.SeedSequence(words).generate_state(2, np.uint64)[0] % (2 ** 63))
 
 
-def noise_key(i, cfg):
-    """Whose draw sample i's training timesteps and noise are: its own, or with --nft_group_noise its
-    group's. Sharing them is our variance reduction: the advantages of a group sum to 0, so the part of
-    each sample's gradient that comes from the fresh noise alone cancels across the group instead of
-    adding up; the estimate stays unbiased (each sample's draw has the same distribution)."""
-    return i // cfg.group_size + 1_000_000 if cfg.nft_group_noise else i
-
-
 def nft_timesteps(ro, cfg, it):
     """Per sample, which sampler sigmas it is trained at: a seeded permutation of the sampler's
     steps (those with sigma > 0, or only the first timestep_window of them, the high-noise ones),
@@ -489,7 +480,7 @@ def nft_timesteps(ro, cfg, it):
     n = min(cfg.nft_steps or window, window)
     cols = []
     for i in ro.ids:
-        g = torch.Generator().manual_seed(nft_seed(cfg, it, "timesteps", noise_key(i, cfg)))
+        g = torch.Generator().manual_seed(nft_seed(cfg, it, "timesteps", i))
         cols.append(sig[torch.randperm(window, generator=g)[:n]])
     return torch.stack(cols, 1)  # [n, B]
 
@@ -503,7 +494,7 @@ def nft_loss(m, transformer, ro, sigma, k, cfg, old, it):
     lh = cfg.resolution // m.vae_factor
     x0 = ro.latents[-1].float()  # [B, L, 64], the ODE sample
     eps = torch.stack([torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(
-        nft_seed(cfg, it, k, noise_key(i, cfg)))) for i in ro.ids]).to(x0.device)
+        nft_seed(cfg, it, k, i))) for i in ro.ids]).to(x0.device)
     t = sigma.to(x0.device).float().view(b, 1, 1)
     xt = (1 - t) * x0 + t * eps  # the flow's straight path at sigma t
 

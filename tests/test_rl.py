@@ -264,24 +264,14 @@ def test_nft_update_pulls_toward_good_samples_and_away_from_bad(tiny_dir, tiny_d
     assert stats["nft_decay"] == 0 and all(torch.equal(p, o) for p, o in zip(*old))
 
 
-def test_group_noise_cancels_the_noise_part_of_a_groups_gradient(tiny_dir, tiny_data):
-    """--nft_group_noise: two samples of one group with the same clean image and advantages +1 / -1.
-    Trained at the same timesteps and noise their pulls cancel exactly (the policy is the old copy, so
-    each sample's gradient is its advantage times its own error): what is left of a group's gradient
-    comes from its images differing, not from the draws. Independent draws leave a gradient of noise."""
-    def group_gradient(shared):
-        m, params, cfg, ro, old = nft_setup(tiny_dir, tiny_data, [1.0, -1.0])
-        ro.latents[:, 1] = ro.latents[:, 0]  # [steps+1, B, L, 64]: sample 1 is sample 0
-        cfg.nft_group_noise = shared
-        sig = rl.nft_timesteps(ro, cfg, 0)  # [steps, B]
-        loss, _ = rl.nft_loss(m, m.transformer, ro, sig[0], 0, cfg, old, 0)
-        loss.sum().backward()
-        return sig, max(p.grad.abs().max().item() for p in params)
-
-    sig, shared = group_gradient(True)
-    assert torch.equal(sig[:, 0], sig[:, 1]) and shared < 1e-6, shared
-    sig, independent = group_gradient(False)
-    assert not torch.equal(sig[:, 0], sig[:, 1]) and independent > 1e-3, independent
+def test_nft_training_draws_never_share_a_seed():
+    """Every (iteration, draw k, sample) and the timesteps' stream get their own seed: a sum of the
+    indices, as sample_seed takes, gave noise draw k of sample i + 101 the seed of draw k + 1 of sample i."""
+    cfg = rl.Config(algo="nft")
+    seeds = [rl.nft_seed(cfg, it, k, i) for it in range(3) for k in list(range(10)) + ["timesteps"] for i in range(512)]
+    assert len(set(seeds)) == len(seeds)
+    assert rl.nft_seed(cfg, 0, 0, 101) != rl.nft_seed(cfg, 0, 1, 0)
+    assert rl.nft_seed(rl.Config(algo="nft", seed=1), 0, 0, 0) != rl.nft_seed(cfg, 0, 0, 0)
 
 
 def test_token_advantages_follow_the_subject_boxes():
