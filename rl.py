@@ -30,7 +30,10 @@ normalised within its group, and a token takes the advantage of the subject boxe
 The held-out evaluation is paired: the policy and SFT (the RL adapter switched off) sample the same
 n_eval held-out prompts from the same eval_seeds initial noises each, ODE sampler; the log has the
 mean gain (eval_gain, and per term: eval_gain_psr, ...) and its standard error over prompts. SFT's
-scores are computed once, at iteration 0, and kept in log row 0.
+scores are computed once, at iteration 0, and kept in log row 0. The held-out prompts are the
+dataset's last n_eval; keep n_eval within SFT's own (sft.py holds out its last n_eval too): a prompt
+SFT trained on hides the gain (shapes world, one RL run: +0.007 on 64 prompts SFT had trained on,
++0.040 to +0.050 on prompts it had not). rl.py reads SFT's record and warns when they overlap.
 
 Run:
     python rl.py --preset tiny                              # CPU, tiny random models, minutes
@@ -68,6 +71,7 @@ Departures from textbook GRPO (DeepSeekMath), all as Flow-GRPO takes them:
 """
 
 import concurrent.futures as cf
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -122,7 +126,7 @@ class Config(RewardConfig):
     nft_decay_rate: float = 0.001  # nft: the old copy's EMA decay = min(rate x iteration, max) (their decay_type 1)
     nft_decay_max: float = 0.5     # nft: the cap of the old copy's EMA decay
     reward: str = "mix"           # mix (rewards.py, with the reward knobs) | brightness (mean pixel value) | module:function
-    n_eval: int = 4               # held-out prompts (the dataset's last ones) for the paired eval curve
+    n_eval: int = 4               # held-out prompts (the dataset's last ones) for the paired eval curve; <= SFT's n_eval
     eval_seeds: int = 1           # initial noises per held-out prompt, the same for SFT and the policy
     eval_every: int = 10           # iterations between paired held-out evals (0: only at the end)
     ckpt_every: int = 1            # iterations between checkpoints (a killed run resumes from the last)
@@ -790,6 +794,7 @@ def iteration(m, params, opt, samples, cache, reward_fn, data_dir, it, cfg, old=
 # rollout-overhead measurement.
 
 EVAL_ITER = 10 ** 6  # the held-out seeds' "iteration" in sample_seed: never a training iteration's
+GRID_PROMPTS = 16  # the sample grids show the first held-out prompts only (the eval scores them all)
 
 
 def eval_seeds(cfg, k):
@@ -860,8 +865,9 @@ def evaluate(m, samples, cache, reward_fn, data_dir, cfg, grid_path=None, sft_sc
         sft_scores, sft_firsts = score_held_out(m, samples, cache, reward_fn, data_dir, cfg, adapter=False)
     policy, firsts = score_held_out(m, samples, cache, reward_fn, data_dir, cfg)
     if grid_path is not None:
-        refs = [[open_image(data_dir, s["ref"], x["id"]) for s in x["subjects"]] for x in samples]
-        sft_imgs = sft_firsts if first else [None] * n
+        shown = samples[:GRID_PROMPTS]
+        refs = [[open_image(data_dir, s["ref"], x["id"]) for s in x["subjects"]] for x in shown]
+        sft_imgs = sft_firsts if first else [None] * len(shown)
         save_png(grid_path, image_grid([r + ([a] if a is not None else []) + [b]
                                         for r, a, b in zip(refs, sft_imgs, firsts)]))
     r = np.asarray(policy["reward"], dtype=np.float64).reshape(n, -1)
@@ -944,6 +950,29 @@ def save_checkpoint(path, m, opt, step, old=None):
         torch.save(state, tmp)
 
 
+def sft_trained_on(sft_lora, data_sha, n_eval):
+    """How many of rl's held-out prompts (the dataset's last n_eval) the SFT LoRA trained on, from
+    the record sft.py saved beside it (SFT holds out the same dataset's last n_eval of its own).
+    None when the record cannot tell: no record, or SFT trained on another dataset."""
+    path = Path(sft_lora) / "config.json"
+    record = json.loads(path.read_text()) if path.exists() else {}
+    sft_data = record.get("inputs", {}).get("data", {})
+    if record.get("stage") != "sft" or not data_sha or sft_data.get("sha256") != data_sha:
+        return None
+    return max(0, n_eval - int(record.get("config", {}).get("n_eval", 0)))
+
+
+def warn_if_sft_trained_on_held_out(sft_lora, record, cfg):
+    """A prompt SFT trained on is one it reproduces well, and RL gains little there: the paired
+    curve would understate the gain on new prompts. Returns the count for the log (None: unknown)."""
+    seen = sft_trained_on(sft_lora, record.get("inputs", {}).get("data", {}).get("sha256"), cfg.n_eval)
+    if seen and rank() == 0:
+        print(f"[rl] warning: SFT trained on {seen} of the {cfg.n_eval} held-out prompts (it held out only "
+              f"its last {cfg.n_eval - seen}); the paired held-out gain on them understates the gain on new "
+              f"prompts. Train SFT with --n_eval {cfg.n_eval} or more, or lower rl's --n_eval")
+    return seen
+
+
 def lora_settings(cfg):
     """What the RL LoRA is valid with, saved beside it (bench.py adopts these)."""
     return {key: getattr(cfg, key) for key in common.MODEL_SETTINGS}
@@ -980,6 +1009,7 @@ def main(cfg):
         raise SystemExit(f"{data_dir} has {len(samples)} samples; rl holds out n_eval={cfg.n_eval} and draws "
                          f"prompts_per_iter={cfg.prompts_per_iter} distinct ones from the rest")
     train_set, eval_set = samples[: len(samples) - cfg.n_eval], samples[len(samples) - cfg.n_eval:]
+    seen_by_sft = warn_if_sft_trained_on_held_out(sft_lora, record, cfg) if sft_lora is not None else 0
     if rank() == 0 and len(rollout_batches(cfg)) < world():
         print(f"[rl] {len(rollout_batches(cfg))} rollout batches for {world()} ranks: some ranks only wait; "
               f"lower --rollout_batch (now {cfg.rollout_batch or cfg.group_size}) to spread groups over more ranks")
@@ -1012,7 +1042,7 @@ def main(cfg):
         sft_scores = row["eval_sft"]
         gains.append((row["eval_gain"], row["eval_gain_se"]))
         if rank() == 0:
-            append_jsonl(log_path, {"iter": 0, **row})
+            append_jsonl(log_path, {"iter": 0, **row, "eval_trained_by_sft": seen_by_sft})
             print(f"[rl] held-out SFT reward {row['eval_sft_reward']:.4f} over {row['eval_images']} images "
                   f"({cfg.n_eval} prompts x {cfg.eval_seeds} seeds)")
     for it in tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="rl",

@@ -76,7 +76,7 @@ class Config:
     ckpt_every: int = 500        # steps between checkpoints (resume points) and curves.png redraws
     log_every: int = 10          # steps between log.jsonl rows
     sample_every: int = 1000     # steps between sample grids of held-out prompts (0: only the final one)
-    n_eval: int = 4              # held-out samples (the dataset's last): never trained on, shown in the grids
+    n_eval: int = 4              # held-out samples (the dataset's last): never trained on; rl.py's are within them
     seed: int = 0
     device: str = ""             # default cuda if available
 
@@ -321,10 +321,13 @@ def group_loss(m, transformer, x0, noise, u, refs, t5, pooled, cfg):
 # ----------------------------------------------------------------------------------------------
 # Training: LoRA on the frozen base, resumable from checkpoint.pt at any step.
 
+GRID_PROMPTS = 8  # the sample grids show the first held-out samples only
+
+
 def sample_grid(m, transformer, samples, data_dir, cfg, path):
-    """references | output, one row per eval sample, written to `path`."""
+    """references | output, one row per eval sample (the first GRID_PROMPTS), written to `path`."""
     rows = []
-    for s in samples:
+    for s in samples[:GRID_PROMPTS]:
         refs = [open_image(data_dir, sub["ref"], s["id"]) for sub in s["subjects"]]
         out = generate(m, [s["instruction"]], [refs], cfg.resolution, cfg.resolution, cfg.sample_steps,
                        cfg.guidance, cfg.seed, cfg.pe, cfg.max_text_len, transformer)[0]
@@ -338,7 +341,8 @@ def lora_settings_of(cfg):
 
 
 def split_samples(samples, n_eval):
-    """The last n_eval samples are held out: the sample grids show prompts the LoRA never trained on."""
+    """The last n_eval samples are held out: the sample grids show prompts the LoRA never trained on,
+    and rl.py's paired eval measures its gain on them (it holds out the same dataset's last ones)."""
     if len(samples) <= n_eval:
         raise SystemExit(f"[sft] {len(samples)} samples cannot hold out n_eval={n_eval} and still train")
     return (samples[:-n_eval], samples[-n_eval:]) if n_eval else (samples, [])

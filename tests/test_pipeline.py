@@ -1,4 +1,5 @@
 """The stages as one pipeline: the README's run command, kills and reruns, two ranks, a full disk."""
+import dataclasses
 import json
 import os
 import random
@@ -145,7 +146,7 @@ def test_kontext_preset_is_the_papers_recipe():
     assert (b.steps, b.guidance, b.resolution) == (28, 2.5, 512)
 
 
-def test_tag_layout_end_to_end(tmp_path, tiny_data, tiny_dir, monkeypatch):
+def test_tag_layout_end_to_end(tmp_path, tiny_data, tiny_dir, monkeypatch, capsys):
     """--tag t: sft writes runs/tiny-t-sft, rl finds that LoRA (and its pe) by the tag, bench scores the RL
     LoRA on the SFT LoRA its record names; a changed knob is refused, --overwrite replaces the run (the
     bench folder's own PSRBench too), and a retrained SFT LoRA under the RL one is refused."""
@@ -163,6 +164,13 @@ def test_tag_layout_end_to_end(tmp_path, tiny_data, tiny_dir, monkeypatch):
     assert cfg.pe == "h"  # adopted from the SFT LoRA found by the tag
     record = common.read_record(tmp_path / "runs" / "tiny-t-rl" / "lora")
     assert record["inputs"]["sft_lora"]["path"] == str((tmp_path / "runs" / "tiny-t-sft" / "lora").resolve())
+    # rl's held-out prompts against SFT's (both: the dataset's last n_eval), read from SFT's record
+    sft_lora, data_sha = tmp_path / "runs" / "tiny-t-sft" / "lora", record["inputs"]["data"]["sha256"]
+    assert [rl.sft_trained_on(sft_lora, data_sha, n) for n in (1, 2, 5)] == [0, 0, 3]
+    assert rl.sft_trained_on(sft_lora, "another dataset", 5) is None
+    capsys.readouterr()
+    assert rl.warn_if_sft_trained_on_held_out(sft_lora, record, dataclasses.replace(cfg, n_eval=5)) == 3
+    assert "SFT trained on 3 of the 5 held-out prompts (it held out only its last 2)" in capsys.readouterr().out
     args = ["--preset", "tiny", "--tag", "t", "--tiny_dir", tiny_dir, "--steps", "2", "--subsets", "Action"]
     bench.main(common.parse_config(bench.Config, "bench", args))
     scores = json.loads((tmp_path / "runs" / "tiny-t-bench" / "scores.json").read_text())
