@@ -10,7 +10,7 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
-.PHONY: test tiny shapes shapes-ablation shapes-scaling
+.PHONY: test tiny shapes shapes-ablation shapes-scaling shapes-pe-scaling
 # --durations: wall seconds of the slowest tests; --cpu-durations (tests/conftest.py): CPU seconds, which
 # other jobs on the machine change much less.
 test: $(VENV)/.installed
@@ -64,3 +64,19 @@ shapes-scaling: $(VENV)/.installed
 	$(PY) rl.py --preset shapes; echo "[shapes-scaling] the shapes stages took $$SECONDS s"; SECONDS=0; \
 	$(PY) -m world.scaling --items $(ITEMS) --seeds $(SCALING_SEEDS); \
 	echo "[shapes-scaling] benching took $$SECONDS s. Table: runs/shapes-scaling/table.md, plot: runs/shapes-scaling/scaling.png"
+
+# The position-id ablation in the paper's regime (issue 24): SFT with the paper's 2/3/4-reference mix
+# (0.9/0.05/0.05) for each id scheme and training seed, every LoRA benched at 2 to 8 subjects (5 to 8
+# never trained) with square and with varied references; per scheme mean and std over training seeds,
+# and the widest gap between two schemes at each count (world/scaling.py --ablation).
+PE_RUNS := runs/shapes-pe-scaling
+PE_SEEDS ?= 0 1 2
+shapes-pe-scaling: $(VENV)/.installed
+	@set -e; SECONDS=0; $(PY) -m world; $(PY) make_data.py --preset shapes; loras=""; \
+	for pe in $(PES); do for seed in $(PE_SEEDS); do run=$(PE_RUNS)/$$pe-s$$seed-sft; \
+	  $(PY) sft.py --preset shapes --pe $$pe --seed $$seed --ref_probs 0.9,0.05,0.05 --steps $(ABL_STEPS) \
+	    --sample_every 0 --out $$run; loras="$$loras,$$run/lora"; done; done; \
+	echo "[shapes-pe-scaling] world, data and SFT took $$SECONDS s"; SECONDS=0; \
+	$(PY) -m world.scaling --ablation "$${loras#,}" --items $(ITEMS) --out $(PE_RUNS)/square; \
+	$(PY) -m world.scaling --ablation "$${loras#,}" --items $(ITEMS) --varied_refs true --out $(PE_RUNS)/varied; \
+	echo "[shapes-pe-scaling] benching took $$SECONDS s. Tables: $(PE_RUNS)/{square,varied}/table.md"

@@ -71,7 +71,6 @@ Departures from textbook GRPO (DeepSeekMath), all as Flow-GRPO takes them:
 """
 
 import concurrent.futures as cf
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -954,8 +953,7 @@ def sft_trained_on(sft_lora, data_sha, n_eval):
     """How many of rl's held-out prompts (the dataset's last n_eval) the SFT LoRA trained on, from
     the record sft.py saved beside it (SFT holds out the same dataset's last n_eval of its own).
     None when the record cannot tell: no record, or SFT trained on another dataset."""
-    path = Path(sft_lora) / "config.json"
-    record = json.loads(path.read_text()) if path.exists() else {}
+    record = common.read_record(sft_lora)
     sft_data = record.get("inputs", {}).get("data", {})
     if record.get("stage") != "sft" or not data_sha or sft_data.get("sha256") != data_sha:
         return None

@@ -88,3 +88,32 @@ def test_runs_cover_every_model_and_seed_then_the_ceilings():
     assert [name for _, _, name, _ in runs] == ["base-s0", "base-s1", "rl-s0", "rl-s1", "targets", "targets-vae"]
     assert runs[0][3] == ["--seed", "0", "--lora", "none", "--stitch_refs", "true"]
     assert runs[2][3][-1] == "runs/shapes-sft/lora,runs/shapes-rl/lora"  # RL sits on its SFT LoRA
+
+
+def test_ablation_reads_scheme_and_seed_from_records_and_names_the_widest_gap(tmp_path):
+    """--ablation: each LoRA's scheme and training seed come from the record sft.py saves beside it;
+    one bench run per LoRA at generation seed 0; the table's last row per score names, at each count,
+    the two schemes whose means differ most in units of their larger std over training seeds."""
+    paths = []
+    for pe in ("frame", "h"):
+        for seed in (0, 1):
+            lora = tmp_path / f"{pe}-s{seed}-sft" / "lora"
+            lora.mkdir(parents=True)
+            (lora / "config.json").write_text(json.dumps({"settings": {"pe": pe}, "config": {"seed": seed}}))
+            paths.append(str(lora))
+    cfg = scaling.Config(ablation=",".join(paths), counts=(2, 5))
+    runs = scaling.bench_runs(cfg)
+    assert [(key, seed, name) for key, seed, name, _ in runs] == [("frame", 0, "frame-s0"), ("frame", 1, "frame-s1"),
+                                                                  ("h", 0, "h-s0"), ("h", 1, "h-s1")]
+    assert runs[3][3] == ["--seed", "0", "--lora", paths[3]]
+    # frame and h: 0.50 +- 0.01 and 0.44 +- 0.02 at 2 subjects (3 spreads apart), equal at 5
+    res = {"frame": {d: {2: [0.49, 0.51], 5: [0.3, 0.32]} for d in scaling.DIMS},
+           "h": {d: {2: [0.42, 0.46], 5: [0.3, 0.32]} for d in scaling.DIMS}}
+    sep = scaling.separation(res, "subject_consistency_strict", [2, 5])
+    assert sep[2][2] == ("frame", "h") and sep[2][0] == pytest.approx(0.06) and sep[2][1] == pytest.approx(3.0)
+    assert sep[5][0] == pytest.approx(0.0) and sep[5][1] == pytest.approx(0.0)
+    table = scaling.table_md(cfg, res, {2: 5.0, 5: 4.3}, {"targets": {2: 1.0, 5: 0.9}}, 60)
+    assert "| SFT, frame ids | 0.500 ± 0.010 |" in table and "| frame/h: 0.060 = 3.0 |" in table
+    (tmp_path / "bad").mkdir()
+    with pytest.raises(SystemExit, match="bad has no record of its pe and seed"):
+        scaling.ablation_loras(scaling.Config(ablation=str(tmp_path / "bad")))

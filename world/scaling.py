@@ -25,6 +25,13 @@ Run (after `make shapes`, which trains the world's models and LoRAs):
     python -m world.scaling                          # make shapes-scaling
     python -m world.scaling --items 10 --seeds 0     # a quick look
     python -m world.scaling --varied_refs true --out runs/shapes-scaling-varied   # references of varied shape
+
+The position-id ablation at every count (`make shapes-pe-scaling`): --ablation names SFT LoRAs (one per
+id scheme and training seed, e.g. trained with the paper's 2/3/4-reference mix 0.9/0.05/0.05, so that 3
+and 4 references are rare and 5 to 8 never seen); each is benched at generation seed 0, and the table
+and plot give each scheme's mean +- std over its training seeds, with the largest gap between two
+schemes at each count in units of their larger spread. The scheme and seed come from each LoRA's record.
+    python -m world.scaling --ablation runs/shapes-pe-scaling/frame-s0-sft/lora,... --out runs/shapes-pe-scaling
 """
 
 import json
@@ -60,6 +67,7 @@ class Config:
     rl_lora: str = "runs/shapes-rl/lora"  # trained on sft_lora (rl.py records it)
     size: int = 32                # the sets' canvas; the world's models are trained at 32 px
     varied_refs: bool = False     # references of varied size and aspect ratio (the world's models saw squares)
+    ablation: str = ""            # comma list of SFT LoRAs: bench each at seed 0, report per position-id scheme
     seed: int = 24                # seeds the drawing of the sets
     device: str = "cpu"
 
@@ -152,8 +160,23 @@ def subject_radius(cfg, folder):
 # ----------------------------------------------------------------------------------------------
 # Benching: one bench.py run per model and seed, each in its own folder (bench resumes per image).
 
+def ablation_loras(cfg):
+    """[(scheme, training seed, LoRA folder)] of --ablation, read from each LoRA's record."""
+    out = []
+    for path in [p for p in cfg.ablation.split(",") if p]:
+        record = common.read_record(path)
+        if "pe" not in record.get("settings", {}) or "seed" not in record.get("config", {}):
+            raise SystemExit(f"[scaling] --ablation: {path} has no record of its pe and seed (config.json beside "
+                             f"the LoRA, written by sft.py)")
+        out.append((record["settings"]["pe"], int(record["config"]["seed"]), path))
+    return out
+
+
 def bench_runs(cfg):
-    """[(model key, seed or None, run folder name, extra bench.py arguments)] in the order they run."""
+    """[(model key, seed or None, run folder name, extra bench.py arguments)] in the order they run.
+    With --ablation: one run per LoRA, keyed by its scheme, its seed the training seed (generation seed 0)."""
+    if cfg.ablation:
+        return [(pe, seed, f"{pe}-s{seed}", ["--seed", "0", "--lora", path]) for pe, seed, path in ablation_loras(cfg)]
     loras = {"base": ["--lora", "none", "--stitch_refs", "true"], "sft": ["--lora", cfg.sft_lora],
              "rl": ["--lora", f"{cfg.sft_lora},{cfg.rl_lora}"]}
     runs = [(key, s, f"{key}-s{s}", ["--seed", str(s)] + loras[key]) for key in cfg.models for s in cfg.seeds]
@@ -192,6 +215,29 @@ DIMS = {"subject_consistency_strict": "SC strict", "semantic_alignment_strict": 
 LABELS = {**MODELS, **CEILINGS}
 
 
+def label(key):
+    return LABELS.get(key, f"SFT, {key} ids")  # an ablation's key is its position-id scheme
+
+
+def separation(res, dim, counts):
+    """{count: (gap, ratio, pair)}: the two schemes whose means differ most at that count, in units of
+    the larger of their two spreads (std over training seeds); ratio > 3 is the issue's bar."""
+    out = {}
+    keys = list(res)
+    for n in counts:
+        best = (0.0, 0.0, None)
+        for i, a in enumerate(keys):
+            for b in keys[i + 1:]:
+                va, vb = res[a][dim][n], res[b][dim][n]
+                gap = abs(float(np.mean(va)) - float(np.mean(vb)))
+                spread = max(float(np.std(va)), float(np.std(vb)))
+                ratio = gap / spread if spread > 0 else float("inf")
+                if (ratio, gap) > best[1::-1]:
+                    best = (gap, ratio, (a, b))
+        out[n] = best
+    return out
+
+
 def spread_note(vals, counts):
     """The 2-to-8 (first-to-last count) drop of the means and whether every point's std over seeds is
     under a quarter of it (the issue's bar for reading the slope)."""
@@ -205,10 +251,13 @@ def spread_note(vals, counts):
 
 def table_md(cfg, res, radius, recall, seconds):
     counts = list(cfg.counts)
+    runs = (f"SFT LoRAs by position-id scheme, benched at generation seed 0 (mean ± std over their training "
+            f"seeds; the last row: the two schemes that differ most, the gap in units of their larger std)"
+            if cfg.ablation else f"models benched with generation seeds {', '.join(map(str, cfg.seeds))} "
+            f"(mean ± std over seeds; the ceilings are drawn, one run)")
     lines = [f"Subject-count scaling in the shapes world: {cfg.items} held-out items per count, "
-             f"{cfg.size} px, {'varied' if cfg.varied_refs else 'square'} references; models benched with "
-             f"generation seeds {', '.join(map(str, cfg.seeds))} (mean ± std over seeds; the ceilings are drawn, "
-             f"one run). `python -m world.scaling` ({seconds / 60:.1f} min this run).", ""]
+             f"{cfg.size} px, {'varied' if cfg.varied_refs else 'square'} references; {runs}. "
+             f"`python -m world.scaling` ({seconds / 60:.1f} min this run).", ""]
     for dim, title in DIMS.items():
         lines += [f"**{title}** by subjects per image", "",
                   "| model | " + " | ".join(str(n) for n in counts) + f" | drop {counts[0]}→{counts[-1]} | "
@@ -218,14 +267,19 @@ def table_md(cfg, res, radius, recall, seconds):
             cells = [f"{np.mean(vals[n]):.3f} ± {np.std(vals[n]):.3f}" if len(vals[n]) > 1 else f"{vals[n][0]:.3f}"
                      for n in counts]
             drop, worst = spread_note(vals, counts)
-            lines.append(f"| {LABELS[key]} | " + " | ".join(cells) + f" | {drop} | {worst} |")
+            lines.append(f"| {label(key)} | " + " | ".join(cells) + f" | {drop} | {worst} |")
+        if cfg.ablation:
+            sep = separation(res, dim, counts)
+            lines.append("| widest gap (pair: gap = spreads) | " + " | ".join(
+                f"{p[0]}/{p[1]}: {gap:.3f} = {ratio:.1f}" if p else "-" for gap, ratio, p in (sep[n] for n in counts))
+                + " | | |")
         lines.append("")
     lines += ["**What the world can show** (drawn targets: the subject's radius, and the detector's recall at "
               "IoU 0.5 of its top box for the subject's category)", "",
               "| | " + " | ".join(str(n) for n in counts) + " |", "|---|" + "---|" * len(counts),
               "| radius (px) | " + " | ".join(f"{radius[n]:.1f}" for n in counts) + " |"]
     for key, rec in recall.items():
-        lines.append(f"| detector recall, {LABELS[key]} | " + " | ".join(f"{rec[n]:.3f}" for n in counts) + " |")
+        lines.append(f"| detector recall, {label(key)} | " + " | ".join(f"{rec[n]:.3f}" for n in counts) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -233,9 +287,10 @@ def plot(cfg, res, path):
     """SC strict and SA strict against the count: one line per model and the drawn targets, +-std bands."""
     panels = []
     for dim, title in DIMS.items():
-        series = {LABELS[key]: [(n, float(np.mean(per[dim][n])), float(np.std(per[dim][n]))) for n in cfg.counts]
+        series = {label(key): [(n, float(np.mean(per[dim][n])), float(np.std(per[dim][n]))) for n in cfg.counts]
                   for key, per in res.items() if key != "targets-vae"}  # four lines: the chart has four colours
-        panels.append((f"{title} against subjects per image (band: std over seeds)", series))
+        seeds = "training seeds" if cfg.ablation else "seeds"
+        panels.append((f"{title} against subjects per image (band: std over {seeds})", series))
     common.line_chart(path, panels, size=(520, 320))
 
 
@@ -253,12 +308,17 @@ def check_inputs(cfg, preset):
     if not (ROOT / preset["model"]).exists():
         raise SystemExit(f"[scaling] {preset['model']} does not exist: the world's models come from `python -m world` "
                          f"(or `make shapes`)")
-    loras = {"sft_lora": cfg.sft_lora} if {"sft", "rl"} & set(cfg.models) else {}
-    if "rl" in cfg.models:
-        loras["rl_lora"] = cfg.rl_lora
+    if cfg.ablation:  # the LoRAs to compare replace the models
+        loras = {f"ablation_{pe}_s{seed}": path for pe, seed, path in ablation_loras(cfg)}
+        if len({pe for pe, _, _ in ablation_loras(cfg)}) < 2:
+            raise SystemExit("[scaling] --ablation needs LoRAs of at least two position-id schemes")
+    else:
+        loras = {"sft_lora": cfg.sft_lora} if {"sft", "rl"} & set(cfg.models) else {}
+        if "rl" in cfg.models:
+            loras["rl_lora"] = cfg.rl_lora
     for name, path in loras.items():
         if not (Path(path) / "pytorch_lora_weights.safetensors").exists():
-            raise SystemExit(f"[scaling] --{name} {path} holds no LoRA: `make shapes` trains it (or give --{name})")
+            raise SystemExit(f"[scaling] {path} holds no LoRA: `make shapes` trains it (or name another)")
     return {"model": ROOT / preset["model"], **loras}
 
 
@@ -268,7 +328,7 @@ def main(cfg):
     out = Path(cfg.out)
     common.print_config(cfg, "scaling", out)
     common.ensure_writable(out, "scaling")
-    common.open_run(out, cfg, "scaling", inputs, extend=("seeds", "models"))  # more seeds or models extend a run
+    common.open_run(out, cfg, "scaling", inputs, extend=("seeds", "models", "ablation"))  # more extend a run
     t0 = time.time()
     device = torch.device(cfg.device)
     folder = build_sets(cfg, out)
@@ -280,7 +340,7 @@ def main(cfg):
     runs = bench_runs(cfg)
     for k, (key, seed, name, args) in enumerate(runs):
         done = (out / f"bench-{name}" / "scores.json").exists()
-        print(f"[scaling] {k + 1}/{len(runs)}: {LABELS[key]}" + ("" if seed is None else f", seed {seed}")
+        print(f"[scaling] {k + 1}/{len(runs)}: {label(key)}" + ("" if seed is None else f", seed {seed}")
               + (" (resuming its folder)" if done else ""), flush=True)
         print(f"[scaling] {name} took {run_bench(cfg, out, folder, name, args):.0f} s "
               f"({(time.time() - t0) / 60:.1f} min so far)", flush=True)
