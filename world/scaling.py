@@ -34,6 +34,7 @@ schemes at each count in units of their larger spread. The scheme and seed come 
     python -m world.scaling --ablation runs/shapes-pe-scaling/frame-s0-sft/lora,... --out runs/shapes-pe-scaling
 """
 
+import itertools
 import json
 import subprocess
 import sys
@@ -222,20 +223,14 @@ def label(key):
 def separation(res, dim, counts):
     """{count: (gap, ratio, pair)}: the two schemes whose means differ most at that count, in units of
     the larger of their two spreads (std over training seeds); ratio > 3 is the issue's bar."""
-    out = {}
-    keys = list(res)
-    for n in counts:
-        best = (0.0, 0.0, None)
-        for i, a in enumerate(keys):
-            for b in keys[i + 1:]:
-                va, vb = res[a][dim][n], res[b][dim][n]
-                gap = abs(float(np.mean(va)) - float(np.mean(vb)))
-                spread = max(float(np.std(va)), float(np.std(vb)))
-                ratio = gap / spread if spread > 0 else float("inf")
-                if (ratio, gap) > best[1::-1]:
-                    best = (gap, ratio, (a, b))
-        out[n] = best
-    return out
+    def gap_of(a, b, n):
+        va, vb = res[a][dim][n], res[b][dim][n]
+        gap = abs(float(np.mean(va)) - float(np.mean(vb)))
+        spread = max(float(np.std(va)), float(np.std(vb)))
+        return gap, gap / spread if spread > 0 else (float("inf") if gap > 0 else 0.0), (a, b)
+
+    return {n: max((gap_of(a, b, n) for a, b in itertools.combinations(res, 2)), key=lambda g: (g[1], g[0]))
+            for n in counts}
 
 
 def spread_note(vals, counts):
@@ -271,7 +266,7 @@ def table_md(cfg, res, radius, recall, seconds):
         if cfg.ablation:
             sep = separation(res, dim, counts)
             lines.append("| widest gap (pair: gap = spreads) | " + " | ".join(
-                f"{p[0]}/{p[1]}: {gap:.3f} = {ratio:.1f}" if p else "-" for gap, ratio, p in (sep[n] for n in counts))
+                f"{a}/{b}: {gap:.3f} = {ratio:.1f}" for gap, ratio, (a, b) in (sep[n] for n in counts))
                 + " | | |")
         lines.append("")
     lines += ["**What the world can show** (drawn targets: the subject's radius, and the detector's recall at "
@@ -309,8 +304,9 @@ def check_inputs(cfg, preset):
         raise SystemExit(f"[scaling] {preset['model']} does not exist: the world's models come from `python -m world` "
                          f"(or `make shapes`)")
     if cfg.ablation:  # the LoRAs to compare replace the models
-        loras = {f"ablation_{pe}_s{seed}": path for pe, seed, path in ablation_loras(cfg)}
-        if len({pe for pe, _, _ in ablation_loras(cfg)}) < 2:
+        runs = ablation_loras(cfg)
+        loras = {f"ablation_{pe}_s{seed}": path for pe, seed, path in runs}
+        if len({pe for pe, _, _ in runs}) < 2:
             raise SystemExit("[scaling] --ablation needs LoRAs of at least two position-id schemes")
     else:
         loras = {"sft_lora": cfg.sft_lora} if {"sft", "rl"} & set(cfg.models) else {}
